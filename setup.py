@@ -1,0 +1,38 @@
+"""wsm-megatron: Warmup-Stable and Merge (WSM) for Megatron-Core."""
+
+from setuptools import find_packages, setup
+
+setup(
+    name="wsm-megatron",
+    version="0.1.0",
+    description="WSM (Warmup-Stable and Merge) for Megatron-Core: constant-LR pre-training "
+    "with shard-local checkpoint merging in place of LR decay",
+    long_description=open("README.md", encoding="utf-8").read(),
+    long_description_content_type="text/markdown",
+    python_requires=">=3.10",
+    packages=find_packages(include=["wsm_megatron", "wsm_megatron.*"]),
+    install_requires=[
+        "torch>=2.6",
+        "megatron-core>=0.16.1,<1",
+        "numpy",
+        "sentencepiece",
+        "pyyaml",
+        "tqdm",
+        "matplotlib",
+        "psutil",
+        "wandb",
+    ],
+    extras_require={
+        "gpu": ["transformer-engine[pytorch]", "triton"],
+        "test": ["pytest", "pytest-xdist", "pytest-timeout", "triton", "ruff"],
+        "tensorboard": ["tensorboard"],
+    },
+    entry_points={
+        "console_scripts": [
+            "wsm-coeffs=wsm_megatron.cli.coeffs:main",
+            "wsm-merge=wsm_megatron.cli.merge:main",
+            "wsm-train=wsm_megatron.cli.train:main",
+            "wsm-demo=wsm_megatron.cli.demo:main",
+        ],
+    },
+)

@@ -1,0 +1,142 @@
+"""Portable backend built on ``torch._foreach_*`` ops (CPU, or GPU without Triton).
+
+Arithmetic contract, shared bit for bit with the Triton backend: with ``A`` the accumulator
+type and ``w_j`` rounded to ``A``,
+
+    acc = A(x_0) * w_0;  acc = acc + A(x_j) * w_j  for j = 1 .. k-1;  out = acc rounded
+
+where every product and sum is rounded to ``A`` separately (no FMA: ``add_(x, alpha=w)``
+contracts to an FMA on CPU, so it is not used). fp64 accumulators are rounded to fp32 before
+a bf16/fp16 output, as ``Tensor.to`` does.
+
+Work is processed in buckets of at most ``_CHUNK`` elements (contiguous tensors are split),
+so the fp32 temporaries stay small and cache resident on CPU.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+
+import torch
+
+_CHUNK = {"cpu": 1 << 20}
+_DEFAULT_CHUNK = 1 << 26
+
+
+def _chunk_size(device: torch.device) -> int:
+    return _CHUNK.get(device.type, _DEFAULT_CHUNK)
+
+
+def _items(groups: Sequence[Sequence[torch.Tensor]], chunk: int) -> list[tuple[int, int, int]]:
+    """Work items ``(t, start, stop)`` over ``groups[t]`` (tensors of one shape).
+
+    A group is split into flat chunks only when all its tensors are contiguous.
+    """
+    items = []
+    for t, group in enumerate(groups):
+        n = group[0].numel()
+        if n == 0:
+            continue
+        step = chunk if all(x.is_contiguous() for x in group) else n
+        items.extend((t, a, min(a + step, n)) for a in range(0, n, step))
+    return items
+
+
+def _view(x: torch.Tensor, a: int, b: int) -> torch.Tensor:
+    return x if (a == 0 and b == x.numel()) else x.view(-1)[a:b]
+
+
+def _buckets(items: list[tuple[int, int, int]], chunk: int) -> Iterator[list[tuple[int, int, int]]]:
+    bucket: list[tuple[int, int, int]] = []
+    size = 0
+    for item in items:
+        n = item[2] - item[1]
+        if bucket and size + n > chunk:
+            yield bucket
+            bucket, size = [], 0
+        bucket.append(item)
+        size += n
+    if bucket:
+        yield bucket
+
+
+def _scratch(shapes: list[int], dtype: torch.dtype, device: torch.device) -> list[torch.Tensor]:
+    flat = torch.empty(sum(shapes), dtype=dtype, device=device)
+    return list(torch.split(flat, shapes))
+
+
+def _shares_storage(x: torch.Tensor, others: Sequence[torch.Tensor]) -> bool:
+    ptr = x.untyped_storage().data_ptr()
+    return any(o.untyped_storage().data_ptr() == ptr for o in others)
+
+
+def _flag_nonfinite(tensors: list[torch.Tensor], found: torch.Tensor) -> None:
+    """Set ``found`` to 1 when any element of ``tensors`` is NaN/Inf (one read, no host sync)."""
+    tensors = [x for x in tensors if x.numel() > 0]
+    if not tensors:
+        return
+    # max |x| is finite iff every element is finite (the max propagates NaN).
+    norms = torch._foreach_norm(tensors, float("inf"))
+    bad = ~torch.isfinite(torch.stack([n.float() for n in norms])).all()
+    found.masked_fill_(bad, 1)
+
+
+def weighted_sum_(
+    outputs: Sequence[torch.Tensor],
+    inputs: Sequence[Sequence[torch.Tensor]],
+    weights: Sequence[float],
+    acc_dtype: torch.dtype,
+    found: torch.Tensor | None,
+) -> None:
+    """``outputs[t] = sum_j weights[j] * inputs[j][t]`` (validated arguments)."""
+    device = outputs[0].device
+    chunk = _chunk_size(device)
+    # Accumulate straight into an output that has the accumulator type and aliases no input.
+    direct = [
+        o.dtype == acc_dtype and not _shares_storage(o, [xs[t] for xs in inputs])
+        for t, o in enumerate(outputs)
+    ]
+    groups = [[o, *(xs[t] for xs in inputs)] for t, o in enumerate(outputs)]
+    for bucket in _buckets(_items(groups, chunk), chunk):
+        outs = [_view(outputs[t], a, b) for t, a, b in bucket]
+        sizes = [b - a for _, a, b in bucket]
+        tmp = _scratch(sizes, acc_dtype, device) if len(inputs) > 1 else []
+        staged = [s for s, (t, _, _) in zip(sizes, bucket) if not direct[t]]
+        staging = iter(_scratch(staged, acc_dtype, device)) if staged else iter(())
+        acc = [o if direct[t] else next(staging).view(o.shape) for o, (t, _, _) in zip(outs, bucket)]
+        for j, (xs, w) in enumerate(zip(inputs, weights)):
+            x = [_view(xs[t], a, b) for t, a, b in bucket]
+            if j == 0:
+                torch._foreach_copy_(acc, x)
+                torch._foreach_mul_(acc, w)
+            else:
+                dst = [s.view(o.shape) for s, o in zip(tmp, outs)]
+                torch._foreach_copy_(dst, x)
+                torch._foreach_mul_(dst, w)
+                torch._foreach_add_(acc, dst)
+        copy_back = [(o, a) for o, a in zip(outs, acc) if o is not a]
+        if copy_back:
+            torch._foreach_copy_([o for o, _ in copy_back], [a for _, a in copy_back])
+        if found is not None:
+            _flag_nonfinite(outs, found)
+
+
+def accumulate_(
+    acc: Sequence[torch.Tensor],
+    tensors: Sequence[torch.Tensor],
+    weight: float,
+    found: torch.Tensor | None,
+) -> None:
+    """``acc[t] += weight * tensors[t]`` with the product rounded to ``acc``'s type first."""
+    device = acc[0].device
+    chunk = _chunk_size(device)
+    groups = list(zip(acc, tensors))
+    for bucket in _buckets(_items(groups, chunk), chunk):
+        accs = [_view(acc[t], a, b) for t, a, b in bucket]
+        tmp = _scratch([b - a for _, a, b in bucket], acc[0].dtype, device)
+        tmp = [s.view(o.shape) for s, o in zip(tmp, accs)]
+        torch._foreach_copy_(tmp, [_view(tensors[t], a, b) for t, a, b in bucket])
+        torch._foreach_mul_(tmp, weight)
+        torch._foreach_add_(accs, tmp)
+        if found is not None:
+            _flag_nonfinite(accs, found)

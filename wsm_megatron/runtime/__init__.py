@@ -1,0 +1,21 @@
+"""Distributed runtime: torchrun/SLURM start-up, Megatron parallel state, CPU compatibility."""
+
+from wsm_megatron.runtime.distributed import (
+    LaunchEnv,
+    ParallelConfig,
+    Runtime,
+    destroy_distributed,
+    detect_launch_env,
+    first_slurm_host,
+    init_distributed,
+)
+
+__all__ = [
+    "LaunchEnv",
+    "ParallelConfig",
+    "Runtime",
+    "destroy_distributed",
+    "detect_launch_env",
+    "first_slurm_host",
+    "init_distributed",
+]

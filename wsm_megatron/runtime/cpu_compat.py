@@ -1,0 +1,132 @@
+"""Run Megatron-Core on a CPU-only torch (tests, the demo): one explicit compatibility layer.
+
+Megatron-Core assumes CUDA in a handful of places that have nothing to do with the math. On a
+machine without a GPU, :func:`install` adapts exactly those places so that real megatron-core
+models, pipeline schedules and ``dist_checkpointing`` run on CPU over gloo. It is a no-op when
+``torch.cuda.is_available()``: GPU behaviour is never changed. Each adaptation, and why:
+
+1. ``torch.cuda.current_device()`` returns ``torch.device("cpu")``. Tensor-parallel layers,
+   mappings (all-gather/reduce-scatter buffers), attention masks, the GPT model and the
+   ``dist_checkpointing`` savers allocate with ``device=torch.cuda.current_device()``; on CPU those
+   buffers belong on the CPU.
+2. ``torch.cuda.synchronize()`` is a no-op: with no device there is no stream to wait for
+   (``dist_checkpointing.save`` and ``parallel_state`` call it).
+3. The "CUDA" RNG is the CPU generator: ``torch.cuda.get_rng_state/set_rng_state/manual_seed`` and
+   Megatron's ``_get_cuda_rng_state/_set_cuda_rng_state`` read and write the CPU default
+   generator. ``model_parallel_cuda_manual_seed`` and the RNG tracker's ``fork`` then swap CPU
+   generator states exactly as they swap CUDA ones on a GPU, so tensor-parallel ranks initialise
+   and drop out differently while data-parallel replicas agree. The tracker warns when the CPU
+   RNG advances inside a fork, which on CPU is the intended behaviour, so that one warning is
+   filtered.
+4. Tensors created on ``"cuda"`` by name: the pipeline schedules count tokens in
+   ``torch.zeros([], device="cuda")`` and the checkpoint savers reduce flags in
+   ``torch.tensor(..., device="cuda")``, the default causal mask is built on ``"cuda"``. Only in the modules listed in ``_CUDA_LITERAL_MODULES``,
+   the module's ``torch`` is replaced by a thin proxy whose tensor factories map a ``"cuda"``
+   device to the CPU; everything else is the real ``torch``. Other code is not touched, so a
+   path we have not adapted fails loudly rather than silently.
+
+Also needed on CPU, without patching: ``psutil`` (a dependency of ``dist_checkpointing``), and a
+``if __name__ == "__main__":`` guard in scripts, because ``dist_checkpointing`` may spawn worker
+processes.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import torch
+
+_INSTALLED = False
+
+# Modules that create tensors with a literal "cuda" device on paths we use (megatron-core 0.16).
+_CUDA_LITERAL_MODULES = (
+    "megatron.core.pipeline_parallel.schedules",
+    "megatron.core.dist_checkpointing.strategies.state_dict_saver",
+    "megatron.core.transformer.utils",
+)
+_FACTORIES = frozenset({"zeros", "ones", "empty", "full", "tensor", "arange", "as_tensor"})
+
+
+def _is_cuda(device: object) -> bool:
+    return (isinstance(device, str) and device.startswith("cuda")) or (
+        isinstance(device, torch.device) and device.type == "cuda"
+    )
+
+
+class _CpuTorch:
+    """Stands in for ``torch`` inside one module: tensor factories map ``device="cuda"`` to CPU."""
+
+    def __getattr__(self, name: str) -> object:
+        attr = getattr(torch, name)
+        if name not in _FACTORIES:
+            return attr
+
+        def factory(*args: object, **kwargs: object) -> torch.Tensor:
+            if _is_cuda(kwargs.get("device")):
+                kwargs["device"] = "cpu"
+            return attr(*args, **kwargs)
+
+        return factory
+
+
+class _ForkWarningFilter(logging.Filter):
+    """Drops the RNG tracker's 'CPU RNG state changed' warning, expected when CPU is the device."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "CPU RNG state changed within GPU RNG context" not in record.getMessage()
+
+
+def _cpu_device() -> torch.device:
+    return torch.device("cpu")
+
+
+def _noop(*args: object, **kwargs: object) -> None:
+    return None
+
+
+def _get_rng_state(*args: object, **kwargs: object) -> torch.Tensor:
+    return torch.get_rng_state()
+
+
+def _set_rng_state(new_state: torch.Tensor, *args: object, **kwargs: object) -> None:
+    torch.set_rng_state(new_state)
+
+
+def _manual_seed(seed: int) -> None:
+    torch.default_generator.manual_seed(seed)
+
+
+def is_active() -> bool:
+    """Whether the CPU compatibility layer is installed in this process."""
+    return _INSTALLED
+
+
+def install() -> bool:
+    """Install the CPU adaptations when no GPU exists; returns whether they are active."""
+    global _INSTALLED
+    if _INSTALLED:
+        return True
+    if torch.cuda.is_available():
+        return False
+
+    torch.cuda.current_device = _cpu_device
+    torch.cuda.synchronize = _noop
+    torch.cuda.get_rng_state = _get_rng_state
+    torch.cuda.set_rng_state = _set_rng_state
+    torch.cuda.manual_seed = _manual_seed
+
+    from megatron.core.tensor_parallel import random as mcore_random
+
+    mcore_random._get_cuda_rng_state = _get_rng_state
+    mcore_random._set_cuda_rng_state = _set_rng_state
+    logging.getLogger(mcore_random.__name__).addFilter(_ForkWarningFilter())
+
+    import importlib
+
+    for module_name in _CUDA_LITERAL_MODULES:
+        module = importlib.import_module(module_name)
+        assert module.torch is torch, f"{module_name} does not use torch as expected"
+        module.torch = _CpuTorch()
+
+    _INSTALLED = True
+    return True

@@ -1,0 +1,263 @@
+"""Start torch.distributed and Megatron-Core's parallel state under torchrun, SLURM or alone.
+
+One place decides rank, world size, local rank and rendezvous address:
+
+- torchrun (or any launcher that sets ``RANK``/``WORLD_SIZE``/``LOCAL_RANK``/``MASTER_ADDR``/
+  ``MASTER_PORT``) wins, also inside a SLURM allocation (``srun torchrun ...`` is common);
+- otherwise SLURM's ``SLURM_PROCID``/``SLURM_NTASKS``/``SLURM_LOCALID``, with the rendezvous host
+  taken from ``MASTER_ADDR`` or else the first host of ``SLURM_JOB_NODELIST`` and the port from
+  ``MASTER_PORT`` or else a port derived from ``SLURM_JOB_ID``;
+- otherwise a single process on localhost.
+
+NCCL with one CUDA device per local rank when GPUs exist, gloo on CPU otherwise (and then the CPU
+compatibility layer of :mod:`wsm_megatron.runtime.cpu_compat` is installed).
+"""
+
+from __future__ import annotations
+
+import datetime
+import os
+import re
+import socket
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+from wsm_megatron.runtime import cpu_compat
+
+
+@dataclass(frozen=True)
+class LaunchEnv:
+    """Where this process sits in the job, as read from the launcher's environment."""
+
+    rank: int
+    world_size: int
+    local_rank: int
+    master_addr: str
+    master_port: int
+    launcher: str  # "torchrun", "slurm" or "single"
+
+
+@dataclass(frozen=True)
+class ParallelConfig:
+    """Model-parallel sizes; the data-parallel size is what the world size leaves."""
+
+    tensor_model_parallel_size: int = 1
+    pipeline_model_parallel_size: int = 1
+    context_parallel_size: int = 1
+    expert_model_parallel_size: int = 1
+    virtual_pipeline_model_parallel_size: int | None = None
+
+    def __post_init__(self) -> None:
+        for name in (
+            "tensor_model_parallel_size",
+            "pipeline_model_parallel_size",
+            "context_parallel_size",
+            "expert_model_parallel_size",
+        ):
+            value = getattr(self, name)
+            if not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name} must be a positive integer, got {value!r}")
+
+    @property
+    def model_parallel_size(self) -> int:
+        return (
+            self.tensor_model_parallel_size
+            * self.pipeline_model_parallel_size
+            * self.context_parallel_size
+        )
+
+    def data_parallel_size(self, world_size: int) -> int:
+        """The data-parallel size for ``world_size`` processes; a clear error if it does not fit."""
+        if world_size % self.model_parallel_size:
+            raise ValueError(
+                f"world size {world_size} is not divisible by tensor ({self.tensor_model_parallel_size})"
+                f" x pipeline ({self.pipeline_model_parallel_size})"
+                f" x context ({self.context_parallel_size}) parallel sizes"
+            )
+        dp = world_size // self.model_parallel_size
+        if (dp * self.context_parallel_size) % self.expert_model_parallel_size:
+            raise ValueError(
+                f"expert parallel size {self.expert_model_parallel_size} does not divide the "
+                f"data x context parallel size {dp * self.context_parallel_size}"
+            )
+        return dp
+
+
+def first_slurm_host(nodelist: str) -> str:
+    """The first host of a SLURM node list: ``"gpu[003-005,9],cpu1"`` -> ``"gpu003"``."""
+    nodelist = nodelist.strip()
+    if not nodelist:
+        raise ValueError("SLURM_JOB_NODELIST is empty")
+    depth, end = 0, len(nodelist)
+    for i, ch in enumerate(nodelist):
+        depth += ch == "["
+        depth -= ch == "]"
+        if ch == "," and depth == 0:
+            end = i
+            break
+    first = nodelist[:end]
+
+    def expand_first(match: re.Match[str]) -> str:
+        return match.group(1).split(",")[0].split("-")[0]
+
+    host = re.sub(r"\[([^\]]*)\]", expand_first, first)
+    if not host or "[" in host or "]" in host:
+        raise ValueError(f"cannot parse SLURM_JOB_NODELIST={nodelist!r}")
+    return host
+
+
+def _int_var(env: Mapping[str, str], name: str) -> int:
+    try:
+        return int(env[name])
+    except ValueError:
+        raise ValueError(f"environment variable {name}={env[name]!r} is not an integer") from None
+
+
+def _free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def detect_launch_env(env: Mapping[str, str] | None = None) -> LaunchEnv:
+    """Read rank, world size, local rank and rendezvous address from torchrun or SLURM variables."""
+    env = os.environ if env is None else env
+    torchrun_vars = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
+    if any(name in env for name in ("RANK", "WORLD_SIZE", "LOCAL_RANK")):
+        missing = [name for name in torchrun_vars if name not in env]
+        if missing:
+            raise ValueError(
+                "incomplete torchrun environment: " + ", ".join(missing) + " not set"
+                " (launch with torchrun, or unset RANK/WORLD_SIZE/LOCAL_RANK)"
+            )
+        rank, world = _int_var(env, "RANK"), _int_var(env, "WORLD_SIZE")
+        local_rank, port = _int_var(env, "LOCAL_RANK"), _int_var(env, "MASTER_PORT")
+        launched = LaunchEnv(rank, world, local_rank, env["MASTER_ADDR"], port, "torchrun")
+    elif "SLURM_PROCID" in env or "SLURM_NTASKS" in env:
+        missing = [n for n in ("SLURM_PROCID", "SLURM_NTASKS", "SLURM_LOCALID") if n not in env]
+        if missing:
+            raise ValueError(
+                "incomplete SLURM environment: " + ", ".join(missing) + " not set"
+                " (run the job step with srun)"
+            )
+        rank, world = _int_var(env, "SLURM_PROCID"), _int_var(env, "SLURM_NTASKS")
+        local_rank = _int_var(env, "SLURM_LOCALID")
+        if "MASTER_ADDR" in env:
+            addr = env["MASTER_ADDR"]
+        elif "SLURM_JOB_NODELIST" in env:
+            addr = first_slurm_host(env["SLURM_JOB_NODELIST"])
+        elif world == 1:
+            addr = "127.0.0.1"
+        else:
+            raise ValueError("SLURM job without MASTER_ADDR or SLURM_JOB_NODELIST")
+        if "MASTER_PORT" in env:
+            port = _int_var(env, "MASTER_PORT")
+        elif "SLURM_JOB_ID" in env:
+            port = 20000 + _int_var(env, "SLURM_JOB_ID") % 20000
+        else:
+            raise ValueError("SLURM job without MASTER_PORT or SLURM_JOB_ID")
+        launched = LaunchEnv(rank, world, local_rank, addr, port, "slurm")
+    else:
+        addr = env.get("MASTER_ADDR", "127.0.0.1")
+        port = _int_var(env, "MASTER_PORT") if "MASTER_PORT" in env else _free_port()
+        launched = LaunchEnv(0, 1, 0, addr, port, "single")
+
+    if launched.world_size < 1:
+        raise ValueError(f"world size must be >= 1, got {launched.world_size}")
+    if not 0 <= launched.rank < launched.world_size:
+        raise ValueError(f"rank {launched.rank} is outside world size {launched.world_size}")
+    if launched.local_rank < 0 or launched.local_rank > launched.rank:
+        raise ValueError(
+            f"local rank {launched.local_rank} is inconsistent with rank {launched.rank}"
+        )
+    return launched
+
+
+@dataclass(frozen=True)
+class Runtime:
+    """What :func:`init_distributed` set up."""
+
+    launch: LaunchEnv
+    device: torch.device
+    backend: str
+    parallel: ParallelConfig
+    data_parallel_size: int
+
+    @property
+    def rank(self) -> int:
+        return self.launch.rank
+
+    @property
+    def world_size(self) -> int:
+        return self.launch.world_size
+
+    @property
+    def is_main(self) -> bool:
+        return self.launch.rank == 0
+
+
+def init_distributed(
+    parallel: ParallelConfig | None = None,
+    *,
+    env: Mapping[str, str] | None = None,
+    timeout_minutes: float = 30.0,
+    megatron: bool = True,
+    seed: int | None = None,
+) -> Runtime:
+    """Initialise torch.distributed (NCCL on GPUs, gloo on CPU) and Megatron's parallel state.
+
+    ``megatron=False`` sets up only the process group (the merge tool needs no model parallelism).
+    With ``seed``, Megatron's model-parallel RNG tracker is seeded too.
+    """
+    parallel = parallel or ParallelConfig()
+    launch = detect_launch_env(env)
+    dp = parallel.data_parallel_size(launch.world_size)
+
+    if torch.cuda.is_available():
+        if launch.local_rank >= torch.cuda.device_count():
+            raise ValueError(
+                f"local rank {launch.local_rank} but only {torch.cuda.device_count()} GPUs visible"
+            )
+        torch.cuda.set_device(launch.local_rank)
+        device, backend = torch.device("cuda", launch.local_rank), "nccl"
+    else:
+        cpu_compat.install()
+        device, backend = torch.device("cpu"), "gloo"
+
+    if not dist.is_initialized():
+        dist.init_process_group(
+            backend=backend,
+            init_method=f"tcp://{launch.master_addr}:{launch.master_port}",
+            rank=launch.rank,
+            world_size=launch.world_size,
+            timeout=datetime.timedelta(minutes=timeout_minutes),
+        )
+
+    if megatron:
+        from megatron.core import parallel_state, tensor_parallel
+
+        if parallel_state.model_parallel_is_initialized():
+            parallel_state.destroy_model_parallel()
+        parallel_state.initialize_model_parallel(
+            tensor_model_parallel_size=parallel.tensor_model_parallel_size,
+            pipeline_model_parallel_size=parallel.pipeline_model_parallel_size,
+            virtual_pipeline_model_parallel_size=parallel.virtual_pipeline_model_parallel_size,
+            context_parallel_size=parallel.context_parallel_size,
+            expert_model_parallel_size=parallel.expert_model_parallel_size,
+        )
+        if seed is not None:
+            tensor_parallel.model_parallel_cuda_manual_seed(seed)
+    return Runtime(launch, device, backend, parallel, dp)
+
+
+def destroy_distributed() -> None:
+    """Tear down Megatron's parallel state and the process group (safe to call twice)."""
+    from megatron.core import parallel_state
+
+    if parallel_state.model_parallel_is_initialized():
+        parallel_state.destroy_model_parallel()
+    if dist.is_initialized():
+        dist.destroy_process_group()

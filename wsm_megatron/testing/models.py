@@ -1,0 +1,56 @@
+"""Small real Megatron-Core GPT models for tests: built on whatever parallel state is current."""
+
+from __future__ import annotations
+
+import torch
+
+from wsm_megatron.runtime import cpu_compat
+
+
+def tiny_gpt(
+    *,
+    num_layers: int = 4,
+    hidden_size: int = 64,
+    num_attention_heads: int = 4,
+    vocab_size: int = 128,
+    seq_length: int = 16,
+    params_dtype: torch.dtype = torch.float32,
+    seed: int | None = None,
+) -> torch.nn.Module:
+    """The model chunk of this rank's pipeline stage of a small GPT (local layer spec, no TE).
+
+    With ``seed``, Megatron's model-parallel RNG is seeded first, so the weights are a function of
+    the seed and the rank's position in the TP/PP grid.
+    """
+    from megatron.core import parallel_state, tensor_parallel
+    from megatron.core.models.gpt import GPTModel
+    from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
+    from megatron.core.transformer import TransformerConfig
+
+    if seed is not None:
+        tensor_parallel.model_parallel_cuda_manual_seed(seed)
+    config = TransformerConfig(
+        num_layers=num_layers,
+        hidden_size=hidden_size,
+        num_attention_heads=num_attention_heads,
+        tensor_model_parallel_size=parallel_state.get_tensor_model_parallel_world_size(),
+        pipeline_model_parallel_size=parallel_state.get_pipeline_model_parallel_world_size(),
+        use_cpu_initialization=cpu_compat.is_active(),
+        params_dtype=params_dtype,
+        bf16=params_dtype == torch.bfloat16,
+        pipeline_dtype=params_dtype,
+        hidden_dropout=0.0,
+        attention_dropout=0.0,
+    )
+    model = GPTModel(
+        config=config,
+        transformer_layer_spec=get_gpt_layer_local_spec(),
+        vocab_size=vocab_size,
+        max_sequence_length=seq_length,
+        pre_process=parallel_state.is_pipeline_first_stage(),
+        post_process=parallel_state.is_pipeline_last_stage(),
+        position_embedding_type="learned_absolute",
+    )
+    if not cpu_compat.is_active():
+        model = model.cuda()
+    return model
