@@ -10,11 +10,13 @@ contracts to an FMA on CPU, so it is not used). fp64 accumulators are rounded to
 a bf16/fp16 output, as ``Tensor.to`` does.
 
 Work is processed in buckets of at most ``_CHUNK`` elements (contiguous tensors are split),
-so the fp32 temporaries stay small and cache resident on CPU.
+so the fp32 temporaries stay small (cache resident on CPU, where they are also reused across
+calls: at most 2 x ``_CHUNK`` accumulator elements kept per thread).
 """
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Iterator, Sequence
 
 import torch
@@ -60,9 +62,31 @@ def _buckets(items: list[tuple[int, int, int]], chunk: int) -> Iterator[list[tup
         yield bucket
 
 
-def _scratch(shapes: list[int], dtype: torch.dtype, device: torch.device) -> list[torch.Tensor]:
-    flat = torch.empty(sum(shapes), dtype=dtype, device=device)
-    return list(torch.split(flat, shapes))
+_CACHE = threading.local()
+
+
+class _Scratch:
+    """A flat buffer carved into views for each bucket (no allocation per bucket).
+
+    On CPU, buffers up to ``_CHUNK`` elements are kept per thread and reused across calls:
+    a fresh multi-MiB allocation is returned to the OS on free and page-faults again on
+    every call, which costs more than the arithmetic. CUDA's caching allocator needs no help.
+    """
+
+    def __init__(self, slot: str, numel: int, dtype: torch.dtype, device: torch.device) -> None:
+        reusable = device.type == "cpu" and numel <= _chunk_size(device)
+        cache: dict = _CACHE.__dict__.setdefault("buffers", {}) if reusable else {}
+        flat = cache.get((slot, dtype))
+        if flat is None or flat.numel() < numel:
+            flat = torch.empty(numel, dtype=dtype, device=device)
+            if reusable:
+                cache[(slot, dtype)] = flat
+        self.flat = flat
+
+    def like(self, tensors: Sequence[torch.Tensor]) -> list[torch.Tensor]:
+        sizes = [x.numel() for x in tensors]
+        parts = torch.split(self.flat[: sum(sizes)], sizes)
+        return [p.view(x.shape) for p, x in zip(parts, tensors, strict=True)]
 
 
 def _shares_storage(x: torch.Tensor, others: Sequence[torch.Tensor]) -> bool:
@@ -77,7 +101,7 @@ def _flag_nonfinite(tensors: list[torch.Tensor], found: torch.Tensor) -> None:
         return
     # max |x| is finite iff every element is finite (the max propagates NaN).
     norms = torch._foreach_norm(tensors, float("inf"))
-    bad = ~torch.isfinite(torch.stack([n.float() for n in norms])).all()
+    bad = ~torch.isfinite(torch.stack([n.double() for n in norms])).all()
     found.masked_fill_(bad, 1)
 
 
@@ -97,24 +121,26 @@ def weighted_sum_(
         for t, o in enumerate(outputs)
     ]
     groups = [[o, *(xs[t] for xs in inputs)] for t, o in enumerate(outputs)]
-    for bucket in _buckets(_items(groups, chunk), chunk):
+    buckets = list(_buckets(_items(groups, chunk), chunk))
+    largest = max((sum(b - a for _, a, b in bucket) for bucket in buckets), default=0)
+    tmp_pool = _Scratch("tmp", largest if len(inputs) > 1 else 0, acc_dtype, device)
+    acc_pool = _Scratch("acc", 0 if all(direct) else largest, acc_dtype, device)
+    for bucket in buckets:
         outs = [_view(outputs[t], a, b) for t, a, b in bucket]
-        sizes = [b - a for _, a, b in bucket]
-        tmp = _scratch(sizes, acc_dtype, device) if len(inputs) > 1 else []
-        staged = [s for s, (t, _, _) in zip(sizes, bucket) if not direct[t]]
-        staging = iter(_scratch(staged, acc_dtype, device)) if staged else iter(())
-        acc = [o if direct[t] else next(staging).view(o.shape) for o, (t, _, _) in zip(outs, bucket)]
-        for j, (xs, w) in enumerate(zip(inputs, weights)):
+        staged = iter(acc_pool.like([o for o, (t, _, _) in zip(outs, bucket, strict=True)
+                                     if not direct[t]]))  # fmt: skip
+        acc = [o if direct[t] else next(staged) for o, (t, _, _) in zip(outs, bucket, strict=True)]
+        for j, (xs, w) in enumerate(zip(inputs, weights, strict=True)):
             x = [_view(xs[t], a, b) for t, a, b in bucket]
             if j == 0:
                 torch._foreach_copy_(acc, x)
                 torch._foreach_mul_(acc, w)
             else:
-                dst = [s.view(o.shape) for s, o in zip(tmp, outs)]
-                torch._foreach_copy_(dst, x)
-                torch._foreach_mul_(dst, w)
-                torch._foreach_add_(acc, dst)
-        copy_back = [(o, a) for o, a in zip(outs, acc) if o is not a]
+                tmp = tmp_pool.like(outs)
+                torch._foreach_copy_(tmp, x)
+                torch._foreach_mul_(tmp, w)
+                torch._foreach_add_(acc, tmp)
+        copy_back = [(o, a) for o, a in zip(outs, acc, strict=True) if o is not a]
         if copy_back:
             torch._foreach_copy_([o for o, _ in copy_back], [a for _, a in copy_back])
         if found is not None:
@@ -130,11 +156,13 @@ def accumulate_(
     """``acc[t] += weight * tensors[t]`` with the product rounded to ``acc``'s type first."""
     device = acc[0].device
     chunk = _chunk_size(device)
-    groups = list(zip(acc, tensors))
-    for bucket in _buckets(_items(groups, chunk), chunk):
+    groups = list(zip(acc, tensors, strict=True))
+    buckets = list(_buckets(_items(groups, chunk), chunk))
+    largest = max((sum(b - a for _, a, b in bucket) for bucket in buckets), default=0)
+    tmp_pool = _Scratch("tmp", largest, acc[0].dtype, device)
+    for bucket in buckets:
         accs = [_view(acc[t], a, b) for t, a, b in bucket]
-        tmp = _scratch([b - a for _, a, b in bucket], acc[0].dtype, device)
-        tmp = [s.view(o.shape) for s, o in zip(tmp, accs)]
+        tmp = tmp_pool.like(accs)
         torch._foreach_copy_(tmp, [_view(tensors[t], a, b) for t, a, b in bucket])
         torch._foreach_mul_(tmp, weight)
         torch._foreach_add_(accs, tmp)

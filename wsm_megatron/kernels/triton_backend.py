@@ -11,12 +11,14 @@ into a contiguous temporary and copied back. Pass contiguous tensors for full ba
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import os
 from collections import defaultdict
 from collections.abc import Sequence
 from typing import Any
 
+import numpy as np
 import torch
 
 DTYPE_CODES: dict[torch.dtype, int] = {
@@ -26,6 +28,7 @@ DTYPE_CODES: dict[torch.dtype, int] = {
     torch.float64: 3,
 }
 MIXED = -1
+_DENSE = torch.contiguous_format
 
 #: Elements per program and warps per program on GPU (4096 x bf16 = 8 KiB per input).
 BLOCK = 4096
@@ -128,12 +131,14 @@ def _launch(
     if tails:
         launches.append((tail_t, tail_i, True))
     extra = {} if interpret else {"num_warps": NUM_WARPS, "enable_fp_fusion": False}
-    for blk_t, blk_i, masked in launches:
-        kernel[(blk_t.numel(),)](
-            addr, out_addr, numel, code, w, blk_t, blk_i, flag, k,
-            IN_CODE=uniform, OUT_CODE=out_code, ACC_FP64=acc_dtype == torch.float64,
-            MASKED=masked, ALIGNED=aligned, CHECK=found is not None, BLOCK=block, **extra,
-        )  # fmt: skip
+    # The interpreter computes with NumPy: silence its warnings on NaN/Inf (a GPU does not warn).
+    with np.errstate(all="ignore") if interpret else contextlib.nullcontext():
+        for blk_t, blk_i, masked in launches:
+            kernel[(blk_t.numel(),)](
+                addr, out_addr, numel, code, w, blk_t, blk_i, flag, k,
+                IN_CODE=uniform, OUT_CODE=out_code, ACC_FP64=acc_dtype == torch.float64,
+                MASKED=masked, ALIGNED=aligned, CHECK=found is not None, BLOCK=block, **extra,
+            )  # fmt: skip
 
 
 def weighted_sum_(
@@ -155,11 +160,11 @@ def weighted_sum_(
     with _device_guard(outputs[0].device):
         for (in_codes, out_code), ts in groups.items():
             outs = [outputs[t] for t in ts]
-            dense = [o if o.is_contiguous() else torch.empty_like(o, memory_format=torch.contiguous_format)
+            dense = [o if o.is_contiguous() else torch.empty_like(o, memory_format=_DENSE)
                      for o in outs]  # fmt: skip
             xs = [[x[t].contiguous() for t in ts] for x in inputs]
             _launch(dense, xs, weights, acc_dtype, found, in_codes, out_code)
-            for o, d in zip(outs, dense):
+            for o, d in zip(outs, dense, strict=True):
                 if o is not d:
                     o.copy_(d)
 
@@ -178,8 +183,4 @@ def accumulate_(
 
 
 def _device_guard(device: torch.device) -> Any:
-    if device.type == "cuda":
-        return torch.cuda.device(device)
-    import contextlib
-
-    return contextlib.nullcontext()
+    return torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext()

@@ -56,52 +56,64 @@ def weighted_sum_kernel(
 
     for j in range(K):
         addr = tl.load(addr_ptr + t * K + j)
-        if ALIGNED:
-            addr = tl.multiple_of(addr, 16)
         if IN_CODE == MIXED:
             code = tl.load(code_ptr + j)
         else:
             code = IN_CODE
-        # Static branches when IN_CODE is uniform, a uniform runtime branch when MIXED.
+        # Static branches when IN_CODE is uniform, a uniform runtime branch when MIXED
+        # (one pointer name per branch: runtime branches must not rebind a name's type).
+        # The hints on the pointer block (not on the loaded address) enable 16-byte loads.
         if code == F32:
-            x = tl.load(addr.to(tl.pointer_type(tl.float32)) + offs, mask=mask).to(acc.dtype)
+            p_f32 = addr.to(tl.pointer_type(tl.float32)) + offs
+            if ALIGNED:
+                p_f32 = tl.max_contiguous(tl.multiple_of(p_f32, [16]), [BLOCK])
+            x = tl.load(p_f32, mask=mask).to(acc.dtype)
         elif code == BF16:
-            x = tl.load(addr.to(tl.pointer_type(tl.bfloat16)) + offs, mask=mask).to(acc.dtype)
+            p_bf16 = addr.to(tl.pointer_type(tl.bfloat16)) + offs
+            if ALIGNED:
+                p_bf16 = tl.max_contiguous(tl.multiple_of(p_bf16, [16]), [BLOCK])
+            x = tl.load(p_bf16, mask=mask).to(acc.dtype)
         elif code == F16:
-            x = tl.load(addr.to(tl.pointer_type(tl.float16)) + offs, mask=mask).to(acc.dtype)
+            p_f16 = addr.to(tl.pointer_type(tl.float16)) + offs
+            if ALIGNED:
+                p_f16 = tl.max_contiguous(tl.multiple_of(p_f16, [16]), [BLOCK])
+            x = tl.load(p_f16, mask=mask).to(acc.dtype)
         else:
-            x = tl.load(addr.to(tl.pointer_type(tl.float64)) + offs, mask=mask).to(acc.dtype)
+            p_f64 = addr.to(tl.pointer_type(tl.float64)) + offs
+            if ALIGNED:
+                p_f64 = tl.max_contiguous(tl.multiple_of(p_f64, [16]), [BLOCK])
+            x = tl.load(p_f64, mask=mask).to(acc.dtype)
         w = tl.load(w_ptr + j).to(acc.dtype)
         # Product and sum rounded separately (launched with enable_fp_fusion=False).
         p = x * w
         acc = tl.where(j == 0, p, acc + p)
 
     out_addr = tl.load(out_addr_ptr + t)
-    if ALIGNED:
-        out_addr = tl.multiple_of(out_addr, 16)
     if OUT_CODE == F64:
         y = acc.to(tl.float64)
-        bits = y.to(tl.uint64, bitcast=True)
-        bad = (bits & 0x7FF0000000000000) == 0x7FF0000000000000
-        tl.store(out_addr.to(tl.pointer_type(tl.float64)) + offs, y, mask=mask)
+        bad = (y.to(tl.uint64, bitcast=True) & 0x7FF0000000000000) == 0x7FF0000000000000
+        ptrs = out_addr.to(tl.pointer_type(tl.float64)) + offs
     else:
         y = acc.to(tl.float32)
         bits = y.to(tl.uint32, bitcast=True)
         if OUT_CODE == F32:
             bad = (bits & 0x7F800000) == 0x7F800000
-            tl.store(out_addr.to(tl.pointer_type(tl.float32)) + offs, y, mask=mask)
+            ptrs = out_addr.to(tl.pointer_type(tl.float32)) + offs
         elif OUT_CODE == BF16:
             # Round to nearest even on the bits, as torch does (NaN -> 0x7FC0). The native
-            # conversion would also be RTNE on GPU, but the interpreter truncates.
+            # conversion is also RTNE on GPU, but the interpreter truncates.
             r = (bits + (0x7FFF + ((bits >> 16) & 1))) >> 16
             r = tl.where(y != y, 0x7FC0, r)
             bad = (r & 0x7F80) == 0x7F80
-            z = r.to(tl.uint16).to(tl.bfloat16, bitcast=True)
-            tl.store(out_addr.to(tl.pointer_type(tl.bfloat16)) + offs, z, mask=mask)
+            y = r.to(tl.uint16).to(tl.bfloat16, bitcast=True)
+            ptrs = out_addr.to(tl.pointer_type(tl.bfloat16)) + offs
         else:
-            z = y.to(tl.float16)
-            bad = (z.to(tl.uint16, bitcast=True) & 0x7C00) == 0x7C00
-            tl.store(out_addr.to(tl.pointer_type(tl.float16)) + offs, z, mask=mask)
+            y = y.to(tl.float16)
+            bad = (y.to(tl.uint16, bitcast=True) & 0x7C00) == 0x7C00
+            ptrs = out_addr.to(tl.pointer_type(tl.float16)) + offs
+    if ALIGNED:
+        ptrs = tl.max_contiguous(tl.multiple_of(ptrs, [16]), [BLOCK])
+    tl.store(ptrs, y, mask=mask)
     if CHECK:
         if MASKED:
             bad = bad & mask

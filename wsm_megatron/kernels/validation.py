@@ -89,7 +89,9 @@ def check_multi(
     for j, xs in enumerate(inputs):
         if isinstance(xs, torch.Tensor) or len(xs) != n:
             got = "a tensor" if isinstance(xs, torch.Tensor) else f"{len(xs)} tensors"
-            raise ValueError(f"inputs[{j}] must be a list of {n} tensors (one per output), got {got}")
+            raise ValueError(
+                f"inputs[{j}] must be a list of {n} tensors (one per output), got {got}"
+            )
         for t, x in enumerate(xs):
             check_dtype(x, _where("inputs", j, t), SUPPORTED_DTYPES)
             if x.shape != outputs[t].shape:
@@ -102,6 +104,7 @@ def check_multi(
             for t, x in enumerate(xs):
                 if x.device != device:
                     where = _where(name, j if name == "inputs" else None, t)
-                    raise ValueError(f"device mismatch: {where} is on {x.device}, "
-                                     f"outputs[0] is on {device}")
+                    raise ValueError(
+                        f"device mismatch: {where} is on {x.device}, outputs[0] is on {device}"
+                    )
     return device

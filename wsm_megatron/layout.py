@@ -1,0 +1,59 @@
+"""Megatron-LM's checkpoint directory layout: ``ROOT/iter_0000100/`` and the tracker file.
+
+``ROOT/latest_checkpointed_iteration.txt`` holds the newest complete iteration (or ``release``).
+A ``torch_dist`` iteration directory holds ``.metadata`` (written last by DCP), ``__R_I.distcp``
+shard files, ``common.pt`` and ``metadata.json``.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from pathlib import Path
+
+TRACKER_FILENAME = "latest_checkpointed_iteration.txt"
+_ITER_RE = re.compile(r"^iter_(\d{7,})$")
+
+
+def iteration_dirname(iteration: int) -> str:
+    """``iter_0000100`` for iteration 100, as Megatron-LM names it."""
+    if iteration < 0:
+        raise ValueError(f"iteration must be >= 0, got {iteration}")
+    return f"iter_{iteration:07d}"
+
+
+def iteration_dir(root: str | os.PathLike[str], iteration: int) -> Path:
+    """The directory of ``iteration`` under checkpoint root ``root``."""
+    return Path(root) / iteration_dirname(iteration)
+
+
+def list_iterations(root: str | os.PathLike[str]) -> list[int]:
+    """Iterations that have an ``iter_*`` directory under ``root``, ascending (complete or not)."""
+    root = Path(root)
+    if not root.is_dir():
+        return []
+    found = (_ITER_RE.match(entry.name) for entry in root.iterdir() if entry.is_dir())
+    return sorted(int(m.group(1)) for m in found if m)
+
+
+def read_tracker(root: str | os.PathLike[str]) -> int | None:
+    """The iteration in ``ROOT/latest_checkpointed_iteration.txt``; None if there is no tracker."""
+    path = Path(root) / TRACKER_FILENAME
+    if not path.is_file():
+        return None
+    text = path.read_text().strip()
+    try:
+        return int(text)
+    except ValueError:
+        raise ValueError(f"{path}: expected an iteration number, found {text!r}") from None
+
+
+def write_tracker(root: str | os.PathLike[str], iteration: int) -> None:
+    """Atomically point the tracker file at ``iteration`` (temporary file, fsync, rename)."""
+    path = Path(root) / TRACKER_FILENAME
+    tmp = path.with_name(f".{TRACKER_FILENAME}.{os.getpid()}.tmp")
+    with open(tmp, "w") as f:
+        f.write(f"{iteration}\n")
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
