@@ -1,0 +1,203 @@
+"""Benchmark wsm-merge against the I/O floor measured in the same run (run by hand).
+
+Builds N Megatron-layout ``torch_dist`` checkpoints of about S GiB each (bf16 weight matrices
+plus an fp32 tensor, saved with ``torch.distributed.checkpoint`` into 4 shard files), then:
+
+1. the I/O floor: read every input shard file once (large sequential reads) and write as many
+   bytes as the merged output once (fsync) — what any merge must at least do;
+2. ``wsm-merge`` on 1 rank, and under ``torchrun`` on 2, 4, ... ranks (``--ranks``), each a
+   fresh process with ``--report``: wall time (process included), merge time, throughput and
+   peak RSS per rank above start-up against ``--memory-budget-mb``.
+
+With ``--drop-caches`` (root) the page cache is dropped before each measurement, so every read
+comes from the device; otherwise the inputs, just written, are read from the page cache.
+
+    python tools/bench_merge.py --workdir /tmp/wsm-bench --gib 1 --checkpoints 4 --drop-caches
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from wsm_megatron.layout import iteration_dir
+from wsm_megatron.testing.checkpoints import TORCH_DIST_CONFIG, megatron_args
+
+ROWS = 8192
+
+
+def build_inputs(root: Path, checkpoints: int, gib: float, interval: int) -> int:
+    """Write the inputs; returns the bytes of one checkpoint's tensors."""
+    import torch.distributed.checkpoint as dcp
+
+    from wsm_megatron.layout import write_tracker
+
+    cols = 4096
+    tensor_bytes = ROWS * cols * 2
+    n_bf16 = max(1, round(gib * 2**30 / tensor_bytes) - 1)
+    g = torch.Generator().manual_seed(0)
+    base = {
+        f"decoder.layers.{i}.weight": torch.randn(ROWS, cols, generator=g).bfloat16()
+        for i in range(n_bf16)
+    }
+    base["decoder.final_norm.weight"] = torch.randn(ROWS // 2, cols, generator=g)  # fp32
+    total = sum(t.numel() * t.element_size() for t in base.values())
+    for k in range(checkpoints):
+        it = (k + 1) * interval
+        state = {name: t + 1e-3 * (k + 1) for name, t in base.items()}
+        d = iteration_dir(root, it)
+        d.mkdir(parents=True)
+        writer = dcp.FileSystemWriter(str(d), thread_count=4)
+        dcp.save(state, storage_writer=writer, no_dist=True)
+        torch.save(
+            {"args": megatron_args(), "iteration": it, "checkpoint_version": 3.0}, d / "common.pt"
+        )
+        (d / "metadata.json").write_text(json.dumps(TORCH_DIST_CONFIG))
+        write_tracker(root, it)
+        del state
+        print(f"  wrote {d} ({total / 2**30:.2f} GiB)", flush=True)
+    return total
+
+
+def drop_caches(enabled: bool) -> None:
+    if enabled:
+        os.sync()
+        Path("/proc/sys/vm/drop_caches").write_text("3\n")
+
+
+def io_floor(root: Path, out_bytes: int, scratch: Path) -> dict[str, float]:
+    """Read every shard file once, then write ``out_bytes`` and fsync."""
+    buf = bytearray(64 * 2**20)
+    mv = memoryview(buf)
+    read = 0
+    start = time.perf_counter()
+    for f in sorted(root.glob("iter_*/*.distcp")):
+        with open(f, "rb", buffering=0) as fh:
+            while n := fh.readinto(mv):
+                read += n
+    t_read = time.perf_counter() - start
+    start = time.perf_counter()
+    with open(scratch, "wb", buffering=0) as fh:
+        left = out_bytes
+        while left > 0:
+            left -= fh.write(mv[: min(left, len(mv))])
+        os.fsync(fh.fileno())
+    t_write = time.perf_counter() - start
+    scratch.unlink()
+    return {"bytes_read": read, "read_s": t_read, "write_s": t_write, "seconds": t_read + t_write}
+
+
+def run_merge(root: Path, out: Path, ranks: int, budget: float, report: Path) -> dict:
+    last = str(len(list(root.glob("iter_*"))))
+    argv = [
+        "--input",
+        str(root),
+        "--output",
+        str(out),
+        "--last",
+        last,
+        "--schedule",
+        "minus-sqrt",
+        "--memory-budget-mb",
+        str(budget),
+        "--report",
+        str(report),
+        "--no-progress",
+    ]
+    if ranks == 1:
+        cmd = [sys.executable, "-m", "wsm_megatron.cli.merge", *argv]
+    else:
+        cmd = [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--standalone",
+            f"--nproc-per-node={ranks}",
+            "-m",
+            "wsm_megatron.cli.merge",
+            *argv,
+        ]
+    start = time.perf_counter()
+    subprocess.run(cmd, check=True, stderr=subprocess.DEVNULL)
+    wall = time.perf_counter() - start
+    data = json.loads(report.read_text())
+    data["wall_s"] = wall
+    return data
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    p.add_argument("--workdir", type=Path, default=Path("/tmp/wsm-bench"))
+    p.add_argument("--checkpoints", type=int, default=4)
+    p.add_argument("--gib", type=float, default=1.0, help="size of one checkpoint")
+    p.add_argument("--memory-budget-mb", type=float, default=512.0)
+    p.add_argument("--ranks", default="1,2", help="merge ranks to measure, comma-separated")
+    p.add_argument("--drop-caches", action="store_true", help="drop the page cache (root)")
+    p.add_argument("--keep", action="store_true", help="keep the work directory")
+    p.add_argument("--json", type=Path, help="write the results here")
+    args = p.parse_args()
+
+    work = args.workdir
+    shutil.rmtree(work, ignore_errors=True)
+    root = work / "ckpts"
+    results: dict = {
+        "machine": {
+            "platform": platform.platform(),
+            "cpus": os.cpu_count(),
+            "memory_gib": round(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30),
+            "torch": torch.__version__,
+        },
+        "checkpoints": args.checkpoints,
+        "memory_budget_mb": args.memory_budget_mb,
+        "page_cache": "dropped before each measurement" if args.drop_caches else "warm",
+    }
+    try:
+        print(f"building {args.checkpoints} checkpoints of ~{args.gib} GiB in {root}", flush=True)
+        size = build_inputs(root, args.checkpoints, args.gib, interval=1000)
+        results["checkpoint_bytes"] = size
+        drop_caches(args.drop_caches)
+        results["io_floor"] = floor = io_floor(root, size, work / "floor.bin")
+        print(
+            f"I/O floor: {floor['seconds']:.2f} s (read {floor['read_s']:.2f} s, "
+            f"write {floor['write_s']:.2f} s)",
+            flush=True,
+        )
+        results["merges"] = []
+        for ranks in (int(r) for r in args.ranks.split(",")):
+            drop_caches(args.drop_caches)
+            out = work / f"out{ranks}"
+            data = run_merge(root, out, ranks, args.memory_budget_mb, work / f"report{ranks}.json")
+            shutil.rmtree(out)
+            row = {
+                "ranks": ranks,
+                "wall_s": round(data["wall_s"], 2),
+                "merge_s": round(data["seconds"], 2),
+                "vs_floor": round(data["seconds"] / floor["seconds"], 2),
+                "read_mib_s": round(data["read_throughput_mib_s"]),
+                "read_gib_per_rank": [round(b / 2**30, 2) for b in data["bytes_read_per_rank"]],
+                "peak_rss_mib_per_rank": [round(x) for x in data["peak_rss_mib_per_rank"]],
+                "buffer_mib": round(data["buffer_mib"]),
+                "pieces": data["pieces"],
+                "chunks_streamed": data["chunks_streamed"],
+            }
+            results["merges"].append(row)
+            print(json.dumps(row), flush=True)
+    finally:
+        if not args.keep:
+            shutil.rmtree(work, ignore_errors=True)
+    if args.json:
+        args.json.write_text(json.dumps(results, indent=2) + "\n")
+    print(json.dumps(results, indent=2))
+
+
+if __name__ == "__main__":
+    main()

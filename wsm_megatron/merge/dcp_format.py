@@ -1,0 +1,320 @@
+"""The bytes of a ``torch_dist`` (PyTorch DCP) checkpoint, read without loading tensors.
+
+DCP (and Megatron's ``FileSystemWriterAsync``) append each stored item to a ``__R_I.distcp``
+file: a tensor chunk as a complete ``torch.save`` blob, a ``ShardedObject`` as raw bytes, at the
+``(relative_path, offset, length)`` recorded in ``.metadata``. A ``torch.save`` blob is an
+uncompressed zip: ``<archive>/data.pkl`` describes the tensor (storage key, storage offset, size,
+stride, dtype) and ``<archive>/data/<key>`` holds the storage bytes. :func:`locate_tensor` parses
+the zip directory and ``data.pkl`` (a restricted unpickler that never reads storage) and returns
+where the chunk's raw element bytes start, so that any sub-range can be read with ``pread``.
+"""
+
+from __future__ import annotations
+
+import collections
+import io
+import os
+import pickle
+import struct
+import threading
+import warnings
+import zipfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch.distributed.checkpoint import FileSystemReader
+from torch.distributed.checkpoint.filesystem import CURRENT_DCP_VERSION, _StorageInfo
+from torch.distributed.checkpoint.metadata import (
+    BytesStorageMetadata,
+    ChunkStorageMetadata,
+    Metadata,
+    MetadataIndex,
+    TensorProperties,
+    TensorStorageMetadata,
+)
+
+from wsm_megatron.merge.errors import MergeError
+
+__all__ = [
+    "CURRENT_DCP_VERSION",
+    "BytesStorageMetadata",
+    "ChunkStorageMetadata",
+    "Metadata",
+    "MetadataIndex",
+    "RawTensor",
+    "StorageFiles",
+    "TensorProperties",
+    "TensorStorageMetadata",
+    "locate_tensor",
+    "read_metadata",
+    "storage_info",
+]
+
+METADATA_FILENAME = ".metadata"
+_ZIP_LOCAL_HEADER = struct.Struct("<4s2B4HL2L2H")  # zipfile.structFileHeader
+_ZIP_LOCAL_MAGIC = b"PK\x03\x04"
+_CACHE = 4096  # head and tail of a blob hold the zip directory and data.pkl
+
+
+def storage_info(relative_path: str, offset: int, length: int) -> _StorageInfo:
+    """The ``.metadata`` record of one stored item."""
+    return _StorageInfo(relative_path, offset, length)
+
+
+def read_metadata(ckpt_dir: Path) -> Metadata:
+    """Unpickle ``ckpt_dir/.metadata`` (DCP's global checkpoint index)."""
+    if not (ckpt_dir / METADATA_FILENAME).is_file():
+        raise MergeError(
+            f"checkpoint {ckpt_dir}: missing {METADATA_FILENAME} (incomplete or unfinished save)"
+        )
+    try:
+        return FileSystemReader(str(ckpt_dir)).read_metadata()
+    except Exception as err:  # truncated pickle or foreign file: whatever unpickling raises
+        raise MergeError(f"checkpoint {ckpt_dir}: cannot read {METADATA_FILENAME}: {err}") from None
+
+
+class StorageFiles:
+    """Thread-safe ``pread`` access to ``.distcp`` files (one descriptor per file)."""
+
+    def __init__(self) -> None:
+        self._fds: dict[Path, int] = {}
+        self._lock = threading.Lock()
+
+    def _fd(self, path: Path) -> int:
+        with self._lock:
+            fd = self._fds.get(path)
+            if fd is None:
+                try:
+                    fd = os.open(path, os.O_RDONLY)
+                except OSError as err:
+                    raise MergeError(f"cannot open {path}: {err.strerror}") from None
+                self._fds[path] = fd
+            return fd
+
+    def read_into(self, path: Path, offset: int, buffer: memoryview) -> None:
+        """Fill ``buffer`` with the bytes of ``path`` at ``offset``; a short file is an error."""
+        fd = self._fd(path)
+        done, size = 0, len(buffer)
+        while done < size:
+            n = os.preadv(fd, [buffer[done:]], offset + done)
+            if n == 0:
+                raise MergeError(
+                    f"{path} is truncated: expected {size} bytes at offset {offset}, "
+                    f"the file ends after {done}"
+                )
+            done += n
+
+    def read(self, path: Path, offset: int, size: int) -> bytes:
+        buffer = bytearray(size)
+        self.read_into(path, offset, memoryview(buffer))
+        return bytes(buffer)
+
+    def close(self) -> None:
+        with self._lock:
+            for fd in self._fds.values():
+                os.close(fd)
+            self._fds.clear()
+
+
+class _BlobView(io.RawIOBase):
+    """A read-only file view of ``[start, start + length)`` of a file, for :mod:`zipfile`;
+    the first and last few KiB are read once and served from memory."""
+
+    def __init__(self, files: StorageFiles, path: Path, start: int, length: int) -> None:
+        super().__init__()
+        self._files, self._path, self._start, self._length = files, path, start, length
+        self._pos = 0
+        self._head: bytes | None = None
+        self._tail: bytes | None = None
+
+    def readable(self) -> bool:
+        return True
+
+    def seekable(self) -> bool:
+        return True
+
+    def tell(self) -> int:
+        return self._pos
+
+    def seek(self, pos: int, whence: int = io.SEEK_SET) -> int:
+        base = {io.SEEK_SET: 0, io.SEEK_CUR: self._pos, io.SEEK_END: self._length}[whence]
+        self._pos = base + pos
+        if self._pos < 0:
+            raise OSError("seek before the start of the blob")
+        return self._pos
+
+    def _span(self, pos: int, size: int) -> bytes:
+        head = min(_CACHE, self._length)
+        if pos + size <= head:
+            if self._head is None:
+                self._head = self._files.read(self._path, self._start, head)
+            return self._head[pos : pos + size]
+        tail_start = max(0, self._length - _CACHE)
+        if pos >= tail_start:
+            if self._tail is None:
+                self._tail = self._files.read(
+                    self._path, self._start + tail_start, self._length - tail_start
+                )
+            return self._tail[pos - tail_start : pos - tail_start + size]
+        return self._files.read(self._path, self._start + pos, size)
+
+    def read(self, size: int = -1) -> bytes:
+        remaining = max(0, self._length - self._pos)
+        size = remaining if size is None or size < 0 else min(size, remaining)
+        data = self._span(self._pos, size) if size else b""
+        self._pos += len(data)
+        return data
+
+
+@dataclass(frozen=True)
+class _StorageRef:
+    key: str
+    dtype: torch.dtype
+    numel: int
+
+
+@dataclass(frozen=True)
+class _TensorRecord:
+    storage: _StorageRef
+    storage_offset: int
+    size: tuple[int, ...]
+    stride: tuple[int, ...]
+
+
+@dataclass(frozen=True)
+class _StorageType:
+    dtype: torch.dtype
+
+
+def _rebuild_tensor_v2(storage: Any, storage_offset: int, size: Any, stride: Any, *rest: Any):
+    return _TensorRecord(storage, int(storage_offset), tuple(size), tuple(stride))
+
+
+class _TensorHeaderUnpickler(pickle.Unpickler):
+    """Reads ``data.pkl`` of a single tensor; records storage references, loads no data."""
+
+    def find_class(self, module: str, name: str) -> Any:
+        if (module, name) == ("torch._utils", "_rebuild_tensor_v2"):
+            return _rebuild_tensor_v2
+        if (module, name) == ("collections", "OrderedDict"):
+            return collections.OrderedDict
+        if module == "torch" and name.endswith("Storage"):
+            with warnings.catch_warnings():  # legacy TypedStorage classes warn on access
+                warnings.simplefilter("ignore")
+                dtype = getattr(getattr(torch, name, None), "dtype", None)
+            if isinstance(dtype, torch.dtype):
+                return _StorageType(dtype)
+        raise pickle.UnpicklingError(f"unexpected global {module}.{name} in a tensor blob")
+
+    def persistent_load(self, pid: Any) -> Any:
+        if not (isinstance(pid, tuple) and len(pid) == 5 and pid[0] == "storage"):
+            raise pickle.UnpicklingError(f"unexpected persistent id {pid!r}")
+        _, storage_type, key, _location, numel = pid
+        if not isinstance(storage_type, _StorageType):
+            raise pickle.UnpicklingError(f"unexpected storage type {storage_type!r}")
+        return _StorageRef(str(key), storage_type.dtype, int(numel))
+
+
+@dataclass(frozen=True)
+class RawTensor:
+    """Where the contiguous element bytes of one stored chunk lie."""
+
+    path: Path
+    data_offset: int  # absolute file offset of element 0 of the chunk
+    dtype: torch.dtype
+    size: tuple[int, ...]
+
+    @property
+    def itemsize(self) -> int:
+        return self.dtype.itemsize
+
+
+def _contiguous_strides(size: tuple[int, ...]) -> tuple[int, ...]:
+    strides, acc = [], 1
+    for s in reversed(size):
+        strides.append(acc)
+        acc *= s
+    return tuple(reversed(strides))
+
+
+def _is_contiguous(size: tuple[int, ...], stride: tuple[int, ...]) -> bool:
+    expected = _contiguous_strides(size)
+    return all(n == 1 or a == b for n, a, b in zip(size, stride, expected, strict=True))
+
+
+def locate_tensor(
+    files: StorageFiles,
+    path: Path,
+    info: _StorageInfo,
+    *,
+    where: str,
+    expected_dtype: torch.dtype,
+    expected_size: tuple[int, ...],
+) -> RawTensor:
+    """Find the element bytes of the tensor chunk stored at ``info`` in ``path``.
+
+    ``where`` names the checkpoint, tensor and chunk in errors. Checks that the blob is an
+    uncompressed ``torch.save`` of a contiguous tensor of the expected dtype and size.
+    """
+    if getattr(info, "transform_descriptors", None):
+        raise MergeError(
+            f"{where}: stored with transforms {list(info.transform_descriptors)} "
+            "(compressed or extended DCP storage is not supported)"
+        )
+    try:
+        view = _BlobView(files, path, info.offset, info.length)
+        if view.read(4) != _ZIP_LOCAL_MAGIC:
+            raise MergeError(
+                f"{where}: the item at offset {info.offset} of {path.name} is not a torch.save "
+                "blob (only torch_dist checkpoints written with torch.save items are supported)"
+            )
+        view.seek(0)
+        with zipfile.ZipFile(view) as archive:
+            names = archive.namelist()
+            pkl_name = next((n for n in names if n.endswith("data.pkl")), None)
+            if pkl_name is None:
+                raise MergeError(f"{where}: torch.save blob without data.pkl in {path.name}")
+            prefix = pkl_name[: -len("data.pkl")]
+            if f"{prefix}byteorder" in names and archive.read(f"{prefix}byteorder") != b"little":
+                raise MergeError(f"{where}: big-endian checkpoint data is not supported")
+            record = _TensorHeaderUnpickler(io.BytesIO(archive.read(pkl_name))).load()
+            if not isinstance(record, _TensorRecord):
+                raise MergeError(f"{where}: the stored item is not a single tensor")
+            data_info = archive.getinfo(f"{prefix}data/{record.storage.key}")
+    except (zipfile.BadZipFile, pickle.UnpicklingError, KeyError, EOFError, struct.error) as err:
+        raise MergeError(f"{where}: corrupt tensor blob in {path.name}: {err}") from None
+
+    storage = record.storage
+    if storage.dtype != expected_dtype:
+        raise MergeError(f"{where}: stored dtype {storage.dtype}, metadata says {expected_dtype}")
+    if record.size != tuple(expected_size):
+        raise MergeError(f"{where}: stored shape {record.size}, metadata says {expected_size}")
+    if not _is_contiguous(record.size, record.stride):
+        raise MergeError(
+            f"{where}: stored with non-contiguous strides {record.stride}; cannot stream it"
+        )
+    numel = 1
+    for s in record.size:
+        numel *= s
+    if data_info.compress_type != zipfile.ZIP_STORED:
+        raise MergeError(f"{where}: compressed tensor storage is not supported")
+    if data_info.file_size != storage.numel * storage.dtype.itemsize:
+        raise MergeError(f"{where}: storage record size does not match its element count")
+    if record.storage_offset + numel > storage.numel:
+        raise MergeError(f"{where}: tensor extends past its storage")
+    header = files.read(path, info.offset + data_info.header_offset, _ZIP_LOCAL_HEADER.size)
+    fields = _ZIP_LOCAL_HEADER.unpack(header)
+    if fields[0] != _ZIP_LOCAL_MAGIC:
+        raise MergeError(f"{where}: corrupt zip local header in {path.name}")
+    data_start = data_info.header_offset + _ZIP_LOCAL_HEADER.size + fields[10] + fields[11]
+    end = data_start + data_info.file_size
+    if end > info.length:
+        raise MergeError(f"{where}: tensor data extends past the stored item in {path.name}")
+    return RawTensor(
+        path,
+        info.offset + data_start + record.storage_offset * storage.dtype.itemsize,
+        storage.dtype,
+        record.size,
+    )

@@ -1,0 +1,339 @@
+"""The streaming merge on one rank: read pieces, accumulate, cast, write.
+
+Reads run ahead on ``io_threads`` threads into a fixed set of preallocated slots, in exactly
+the order the main thread consumes them; writes run behind on one thread. So reading,
+accumulating and writing overlap. For a piece the main thread checks each input for NaN/Inf and
+accumulates the inputs oldest to newest in fp32 (or fp64) through the kernels dispatcher:
+``acc = c_0 x_0`` (:func:`~wsm_megatron.kernels.weighted_sum`), then ``acc += c_j x_j``
+(:func:`~wsm_megatron.kernels.accumulate_`), each product and sum rounded once; then it casts
+to the output dtype. Every operation is elementwise, so the result is bitwise the same whatever
+the piece boundaries and the number of ranks.
+
+All buffers are allocated once, sized by :func:`wsm_megatron.merge.plan.size_buffers`.
+"""
+
+from __future__ import annotations
+
+import queue
+import threading
+from collections import OrderedDict
+from collections.abc import Callable, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, field
+from functools import partial
+
+import torch
+
+from wsm_megatron.kernels import accumulate_, weighted_sum
+from wsm_megatron.merge.dcp_format import RawTensor, StorageFiles, locate_tensor
+from wsm_megatron.merge.errors import MergeError
+from wsm_megatron.merge.plan import AVERAGE, BytesItem, Piece, RankPlan, Unit
+from wsm_megatron.merge.writer import ShardWriter, WriteRecord
+
+
+@dataclass(frozen=True)
+class _Read:
+    """One read: ``size`` bytes of input ``source`` for a unit (a piece, or a segment of an
+    object starting at ``offset`` within it)."""
+
+    unit: Unit
+    source: int  # position in the unit's sources
+    offset: int
+    size: int
+
+
+@dataclass
+class RankOutcome:
+    """What one rank wrote (per job) and how much it read and wrote."""
+
+    records: list[list[WriteRecord]] = field(default_factory=list)
+    bytes_read: int = 0
+    bytes_written: int = 0
+    pieces: int = 0
+
+
+def _reads(unit: Unit, slot_bytes: int) -> list[_Read]:
+    if isinstance(unit, Piece):
+        size = unit.numel * unit.chunk.dtype.itemsize
+        return [_Read(unit, s, 0, size) for s in range(len(unit.chunk.sources))]
+    reads = []
+    for s, (_, info) in enumerate(unit.sources):
+        starts = range(0, info.length, slot_bytes) if info.length else [0]
+        reads += [_Read(unit, s, a, min(slot_bytes, info.length - a)) for a in starts]
+    return reads
+
+
+class _Prefetcher:
+    """Runs ``read(request, slot)`` ahead of the consumer, one free slot per request in flight;
+    yields ``(request, slot)`` in request order and re-raises a failed read's error."""
+
+    def __init__(
+        self, requests: list[_Read], slots: int, threads: int, read: Callable[[_Read, int], None]
+    ) -> None:
+        self._requests = requests
+        self._read = read
+        self._free: queue.Queue[int] = queue.Queue()
+        for slot in range(slots):
+            self._free.put(slot)
+        self._ready: queue.Queue[tuple[_Read, int, Future[None]]] = queue.Queue()
+        self._stop = threading.Event()
+        self._pool = ThreadPoolExecutor(threads, thread_name_prefix="wsm-merge-read")
+        self._dispatcher = threading.Thread(target=self._dispatch, daemon=True)
+        self._dispatcher.start()
+
+    def _dispatch(self) -> None:
+        for request in self._requests:
+            while True:
+                if self._stop.is_set():
+                    return
+                try:
+                    slot = self._free.get(timeout=0.05)
+                    break
+                except queue.Empty:
+                    continue
+            self._ready.put((request, slot, self._pool.submit(self._read, request, slot)))
+
+    def __iter__(self) -> Iterator[tuple[_Read, int]]:
+        for _ in range(len(self._requests)):
+            request, slot, future = self._ready.get()
+            future.result()
+            yield request, slot
+
+    def release(self, slot: int) -> None:
+        self._free.put(slot)
+
+    def close(self) -> None:
+        self._stop.set()
+        self._dispatcher.join()
+        self._pool.shutdown(wait=True, cancel_futures=True)
+
+
+class _WriteBehind:
+    """Runs write tasks on one background thread, in submission order, so that writing the
+    output overlaps reading and accumulating. Each task comes with a ``release`` callback
+    (returning its buffer) that runs even after an earlier task failed."""
+
+    def __init__(self) -> None:
+        self._tasks: queue.Queue[tuple[Callable[[], None], Callable[[], None]] | None]
+        self._tasks = queue.Queue()
+        self._error: BaseException | None = None
+        self._thread = threading.Thread(target=self._run, name="wsm-merge-write", daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        while (task := self._tasks.get()) is not None:
+            write, release = task
+            try:
+                if self._error is None:
+                    write()
+            except BaseException as err:  # handed to the main thread
+                self._error = err
+            finally:
+                release()
+
+    def submit(self, write: Callable[[], None], release: Callable[[], None] = lambda: None):
+        if self._error is not None:
+            raise self._error
+        self._tasks.put((write, release))
+
+    def close(self, *, check: bool = True) -> None:
+        """Wait for every task; re-raise the first failure (``check``)."""
+        if self._thread.is_alive():
+            self._tasks.put(None)
+            self._thread.join()
+        if check and self._error is not None:
+            raise self._error
+
+
+class RankMerger:
+    """Executes one rank's share of a merge (see the module docstring)."""
+
+    def __init__(self, plan: RankPlan, progress: Callable[[int], None] | None = None) -> None:
+        self.plan = plan
+        self.progress = progress
+        buffers = plan.buffers
+        has_average = any(isinstance(u, Piece) and u.kind == AVERAGE for u in plan.units)
+        capacity = buffers.capacity if has_average else 0
+        self._accs = [torch.empty(capacity, dtype=plan.acc_dtype) for _ in plan.jobs]
+        self._outs = [
+            torch.empty(capacity * buffers.out_itemsize, dtype=torch.uint8)
+            for _ in range(buffers.out_buffers)
+        ]
+        self._out_mvs = [memoryview(b.numpy()) for b in self._outs]
+        self._free_outs: queue.Queue[int] = queue.Queue()
+        for b in range(len(self._outs)):
+            self._free_outs.put(b)
+        self._slots = [
+            torch.empty(buffers.slot_bytes, dtype=torch.uint8) for _ in range(buffers.slots)
+        ]
+        self._slot_mvs = [memoryview(s.numpy()) for s in self._slots]
+        self._files = StorageFiles()
+        self._locations: OrderedDict[tuple[int, str, tuple[int, ...]], RawTensor] = OrderedDict()
+        self._lock = threading.Lock()
+        self._writers = [ShardWriter(job.tmp_dir, plan.rank) for job in plan.jobs]
+        # For each input: (job, position of the input in the job), and the jobs it is newest of.
+        self._jobs_of = {
+            i: [(j, job.inputs.index(i)) for j, job in enumerate(plan.jobs) if i in job.inputs]
+            for i in range(len(plan.inputs))
+        }
+        self._newest_of = {
+            i: [j for j, job in enumerate(plan.jobs) if job.newest == i]
+            for i in range(len(plan.inputs))
+        }
+        self._prefetch: _Prefetcher | None = None
+        self._write_behind: _WriteBehind | None = None
+
+    def _where(self, input_index: int, unit: Unit) -> str:
+        path = self.plan.inputs[input_index].path
+        if isinstance(unit, BytesItem):
+            return f"checkpoint {path}, object {unit.fqn!r}"
+        return f"checkpoint {path}, tensor {unit.chunk.fqn!r} (chunk at {unit.chunk.offsets})"
+
+    def _locate(self, input_index: int, piece: Piece, info: object) -> RawTensor:
+        key = (input_index, piece.chunk.fqn, piece.chunk.offsets)
+        with self._lock:
+            raw = self._locations.get(key)
+        if raw is None:
+            raw = locate_tensor(
+                self._files,
+                self.plan.inputs[input_index].path / info.relative_path,
+                info,
+                where=self._where(input_index, piece),
+                expected_dtype=piece.chunk.dtype,
+                expected_size=piece.chunk.sizes,
+            )
+            with self._lock:
+                self._locations[key] = raw
+                while len(self._locations) > 4096:
+                    self._locations.popitem(last=False)
+        return raw
+
+    def _read(self, request: _Read, slot: int) -> None:
+        unit = request.unit
+        sources = unit.chunk.sources if isinstance(unit, Piece) else unit.sources
+        input_index, info = sources[request.source]
+        buffer = self._slot_mvs[slot][: request.size]
+        if isinstance(unit, Piece):
+            raw = self._locate(input_index, unit, info)
+            path = raw.path
+            offset = raw.data_offset + unit.start * raw.itemsize
+        else:
+            path = self.plan.inputs[input_index].path / info.relative_path
+            offset = info.offset + request.offset
+        try:
+            self._files.read_into(path, offset, buffer)
+        except MergeError as err:
+            raise MergeError(f"{self._where(input_index, unit)}: {err}") from None
+
+    def _tensor(self, mv: memoryview, dtype: torch.dtype, piece: Piece) -> torch.Tensor:
+        """A tensor owning exactly ``mv``'s bytes (``torch.save`` then writes only those)."""
+        if piece.numel == 0:
+            return torch.empty(piece.sizes, dtype=dtype)
+        return torch.frombuffer(mv, dtype=dtype).view(piece.sizes)
+
+    def _check_finite(self, x: torch.Tensor, input_index: int, piece: Piece) -> None:
+        """NaN/Inf in ``x`` is an error (min and max propagate NaN and show +-Inf: one fast,
+        exact pass over the input, which also names the checkpoint at fault)."""
+        if x.numel() == 0:
+            return
+        low, high = torch.aminmax(x)
+        if not (bool(torch.isfinite(low)) and bool(torch.isfinite(high))):
+            raise MergeError(
+                f"{self._where(input_index, piece)}: the input holds NaN/Inf values "
+                "(pass --no-check-finite to merge anyway)"
+            )
+
+    def run(self) -> RankOutcome:
+        plan = self.plan
+        requests = [r for unit in plan.units for r in _reads(unit, plan.buffers.slot_bytes)]
+        self._prefetch = _Prefetcher(requests, len(self._slots), plan.io_threads, self._read)
+        self._write_behind = _WriteBehind()
+        outcome = RankOutcome()
+        stream = iter(self._prefetch)
+        threads = torch.get_num_threads()
+        torch.set_num_threads(plan.threads)
+        try:
+            for unit in plan.units:
+                if isinstance(unit, Piece):
+                    self._merge_piece(unit, stream)
+                    outcome.pieces += 1
+                else:
+                    self._copy_object(unit, stream)
+            self._write_behind.close()
+            for writer in self._writers:
+                writer.close()
+        finally:
+            torch.set_num_threads(threads)
+            self._prefetch.close()
+            self._write_behind.close(check=False)
+            self._files.close()
+        outcome.records = [w.records for w in self._writers]
+        outcome.bytes_read = sum(r.size for r in requests)
+        outcome.bytes_written = sum(w.bytes_written for w in self._writers)
+        return outcome
+
+    def _next(self, stream: Iterator[tuple[_Read, int]], unit: Unit) -> tuple[_Read, int]:
+        request, slot = next(stream)
+        assert request.unit is unit
+        if self.progress is not None:
+            self.progress(request.size)
+        return request, slot
+
+    def _merge_piece(self, piece: Piece, stream: Iterator[tuple[_Read, int]]) -> None:
+        n = piece.numel
+        in_dtype, out_dtype = piece.chunk.dtype, piece.out_dtype
+        in_bytes, out_bytes = n * in_dtype.itemsize, n * out_dtype.itemsize
+        fqn, offsets = piece.chunk.fqn, piece.offsets
+        for input_index, _ in piece.chunk.sources:
+            _, slot = self._next(stream, piece)
+            x = self._tensor(self._slot_mvs[slot][:in_bytes], in_dtype, piece)
+            if self.plan.check_finite and in_dtype.is_floating_point:
+                self._check_finite(x, input_index, piece)
+            if piece.kind != AVERAGE:  # copied: written from the read buffer, then released
+                jobs = self._newest_of[input_index]
+                for k, j in enumerate(jobs):
+                    release = partial(self._prefetch.release, slot) if k == len(jobs) - 1 else None
+                    self._write(self._writers[j], fqn, offsets, x, release)
+                continue
+            for j, position in self._jobs_of[input_index]:
+                acc, c = self._accs[j][:n], self.plan.jobs[j].coefficients[position]
+                if position == 0:  # acc = c_0 x_0, then acc += c_j x_j, oldest to newest
+                    weighted_sum([x.view(-1)], [c], out=acc, acc_dtype=acc.dtype)
+                else:
+                    accumulate_([acc], [x.view(-1)], c)
+            self._prefetch.release(slot)
+        if piece.kind == AVERAGE:
+            for j, acc in enumerate(self._accs):
+                b = self._free_outs.get()
+                out = self._tensor(self._out_mvs[b][:out_bytes], out_dtype, piece)
+                out.view(-1).copy_(acc[:n])
+                self._write(self._writers[j], fqn, offsets, out, partial(self._free_outs.put, b))
+
+    def _write(
+        self,
+        writer: ShardWriter,
+        fqn: str,
+        offsets: tuple[int, ...],
+        tensor: torch.Tensor,
+        release: Callable[[], None] | None,
+    ) -> None:
+        self._write_behind.submit(
+            partial(writer.write_tensor, fqn, offsets, tensor), release or (lambda: None)
+        )
+
+    def _copy_object(self, item: BytesItem, stream: Iterator[tuple[_Read, int]]) -> None:
+        for input_index, info in item.sources:
+            writers = [self._writers[j] for j in self._newest_of[input_index]]
+            for writer in writers:
+                self._write_behind.submit(writer.begin_object)
+            for _ in range(len(range(0, info.length, self.plan.buffers.slot_bytes)) or 1):
+                request, slot = self._next(stream, item)
+                data = self._slot_mvs[slot][: request.size]
+                for k, writer in enumerate(writers):
+                    last = k == len(writers) - 1
+                    self._write_behind.submit(
+                        partial(writer.append, data),
+                        partial(self._prefetch.release, slot) if last else (lambda: None),
+                    )
+            for writer in writers:
+                self._write_behind.submit(partial(writer.end_object, item.fqn))

@@ -1,0 +1,146 @@
+"""Input checkpoints: open one Megatron ``torch_dist`` iteration directory, check that it is
+complete, and check that all inputs of a merge share one layout."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from wsm_megatron.layout import iteration_dir
+from wsm_megatron.merge.dcp_format import (
+    BytesStorageMetadata,
+    Metadata,
+    MetadataIndex,
+    TensorStorageMetadata,
+    read_metadata,
+)
+from wsm_megatron.merge.errors import MergeError
+from wsm_megatron.merge.selection import COMMON_FILENAME
+
+CONFIG_FILENAME = "metadata.json"
+
+
+def _chunk_layout(md: TensorStorageMetadata) -> list[tuple[tuple[int, ...], tuple[int, ...]]]:
+    return sorted((tuple(c.offsets), tuple(c.sizes)) for c in md.chunks)
+
+
+@dataclass
+class InputCheckpoint:
+    """One complete input checkpoint: its iteration, directory and DCP metadata."""
+
+    iteration: int
+    path: Path
+    metadata: Metadata
+    config: dict[str, Any]
+
+    @classmethod
+    def open(cls, root: Path, iteration: int) -> InputCheckpoint:
+        """Open and check ``root/iter_XXXXXXX``: ``metadata.json`` (torch_dist), ``.metadata``,
+        ``common.pt`` and every ``.distcp`` file at least as long as the items it holds."""
+        path = iteration_dir(root, iteration)
+        if not path.is_dir():
+            raise MergeError(f"checkpoint {path} does not exist")
+        config_path = path / CONFIG_FILENAME
+        if not config_path.is_file():
+            raise MergeError(
+                f"checkpoint {path}: missing {CONFIG_FILENAME} (incomplete save, or not a "
+                "Megatron dist checkpoint)"
+            )
+        try:
+            config = json.loads(config_path.read_text())
+        except (OSError, ValueError) as err:
+            raise MergeError(f"checkpoint {path}: cannot read {CONFIG_FILENAME}: {err}") from None
+        backend = config.get("sharded_backend") if isinstance(config, dict) else None
+        if backend != "torch_dist":
+            raise MergeError(
+                f"checkpoint {path}: sharded backend {backend!r}; only torch_dist is supported"
+            )
+        if not (path / COMMON_FILENAME).is_file():
+            raise MergeError(f"checkpoint {path}: missing {COMMON_FILENAME} (incomplete save)")
+        metadata = read_metadata(path)
+        ckpt = cls(iteration, path, metadata, config)
+        ckpt._check_files()
+        return ckpt
+
+    def _check_files(self) -> None:
+        ends: dict[str, tuple[int, str]] = {}
+        for index, info in self.metadata.storage_data.items():
+            end = info.offset + info.length
+            if end > ends.get(info.relative_path, (-1, ""))[0]:
+                ends[info.relative_path] = (end, index.fqn)
+        for name, (end, fqn) in sorted(ends.items()):
+            file = self.path / name
+            if not file.is_file():
+                raise MergeError(
+                    f"checkpoint {self.path}: shard file {name} is missing (it holds tensor "
+                    f"{fqn!r})"
+                )
+            size = file.stat().st_size
+            if size < end:
+                raise MergeError(
+                    f"checkpoint {self.path}: shard file {name} is truncated ({size} bytes, "
+                    f"tensor {fqn!r} ends at byte {end})"
+                )
+
+    def keys(self, include: Callable[[str], bool]) -> set[str]:
+        return {k for k in self.metadata.state_dict_metadata if include(k)}
+
+    def storage(self, fqn: str, offsets: Sequence[int] | None = None):
+        """The ``_StorageInfo`` (file, offset, length) of a tensor chunk or bytes item."""
+        return self.metadata.storage_data[MetadataIndex(fqn, offsets)]
+
+
+def check_same_layout(inputs: Sequence[InputCheckpoint], include: Callable[[str], bool]) -> None:
+    """All inputs must have the same included keys, kinds, global shapes, dtypes and chunks
+    (checkpoints of one run saved at one TP/PP layout); the newest input is the reference."""
+    ref = inputs[-1]
+    ref_md = ref.metadata.state_dict_metadata
+    ref_keys = ref.keys(include)
+    for ckpt in inputs[:-1]:
+        md = ckpt.metadata.state_dict_metadata
+        keys = ckpt.keys(include)
+        if keys != ref_keys:
+            only_here, only_ref = sorted(keys - ref_keys), sorted(ref_keys - keys)
+            detail = []
+            if only_here:
+                detail.append(f"only in {ckpt.path.name}: {_names(only_here)}")
+            if only_ref:
+                detail.append(f"only in {ref.path.name}: {_names(only_ref)}")
+            raise MergeError(
+                f"checkpoints {ckpt.path} and {ref.path} have different key sets ("
+                + "; ".join(detail)
+                + ")"
+            )
+        for key in sorted(ref_keys):
+            a, b = md[key], ref_md[key]
+            if isinstance(a, BytesStorageMetadata) or isinstance(b, BytesStorageMetadata):
+                if type(a) is not type(b):
+                    raise MergeError(
+                        f"tensor {key!r} is an object in one of {ckpt.path} and {ref.path} "
+                        "and a tensor in the other"
+                    )
+                continue
+            if tuple(a.size) != tuple(b.size):
+                raise MergeError(
+                    f"tensor {key!r}: shape {tuple(a.size)} in {ckpt.path} but "
+                    f"{tuple(b.size)} in {ref.path}"
+                )
+            if a.properties.dtype != b.properties.dtype:
+                raise MergeError(
+                    f"tensor {key!r}: dtype {a.properties.dtype} in {ckpt.path} but "
+                    f"{b.properties.dtype} in {ref.path}"
+                )
+            if _chunk_layout(a) != _chunk_layout(b):
+                raise MergeError(
+                    f"tensor {key!r}: stored chunks differ between {ckpt.path} and {ref.path} "
+                    f"({len(a.chunks)} vs {len(b.chunks)} chunks; was training resumed at another "
+                    "TP/PP/EP layout?). Re-save the checkpoints at one layout before merging"
+                )
+
+
+def _names(keys: Sequence[str], limit: int = 5) -> str:
+    shown = ", ".join(repr(k) for k in keys[:limit])
+    return shown + (f" and {len(keys) - limit} more" if len(keys) > limit else "")

@@ -1,0 +1,246 @@
+"""Work units of a merge: stored chunks cut into pieces that fit the memory budget, and a
+byte-balanced assignment of the units to merge ranks.
+
+Every stored tensor chunk is contiguous, so any row-major run of it is a contiguous byte range
+in each input file: :func:`split_chunk` cuts a chunk into boxes whose elements are such runs
+(rows along the outermost dimension that keeps a box under the piece capacity). The pieces
+depend on the budget only, never on the number of ranks; ranks receive contiguous runs of the
+unit list (ordered by position in the newest input's files) carrying equal shares of bytes.
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from wsm_megatron.kernels import SUPPORTED_DTYPES
+
+AVERAGE, COPY = "average", "copy"
+_RESERVE_BYTES = 32 * 2**20
+"""Part of the budget kept for everything but the piece buffers (plan, Python objects)."""
+
+
+@dataclass(frozen=True)
+class ChunkRef:
+    """One stored chunk of a tensor and where each needed input stores it."""
+
+    fqn: str
+    offsets: tuple[int, ...]
+    sizes: tuple[int, ...]
+    dtype: torch.dtype
+    sources: tuple[tuple[int, object], ...]  # (input index, _StorageInfo)
+
+    @property
+    def numel(self) -> int:
+        return math.prod(self.sizes)
+
+
+@dataclass(frozen=True)
+class Piece:
+    """A box of a chunk that is a contiguous run of its elements (``start`` .. + ``numel``)."""
+
+    chunk: ChunkRef
+    kind: str  # AVERAGE or COPY
+    out_dtype: torch.dtype
+    offsets: tuple[int, ...]  # global offsets of the box
+    sizes: tuple[int, ...]
+    start: int
+
+    @property
+    def numel(self) -> int:
+        return math.prod(self.sizes)
+
+
+@dataclass(frozen=True)
+class BytesItem:
+    """A stored object (a Megatron ``ShardedObject``), copied byte for byte."""
+
+    fqn: str
+    sources: tuple[tuple[int, object], ...]  # (input index, _StorageInfo)
+
+
+Unit = Piece | BytesItem
+
+
+@dataclass(frozen=True)
+class Buffers:
+    """Per-rank buffer sizes: ``capacity`` elements per piece, ``slots`` read buffers,
+    ``out_buffers`` output buffers (one being written while the next is filled)."""
+
+    capacity: int
+    slots: int
+    in_itemsize: int
+    out_itemsize: int
+    acc_itemsize: int
+    jobs: int
+    out_buffers: int = 2
+
+    @property
+    def slot_bytes(self) -> int:
+        return self.capacity * self.in_itemsize
+
+    @property
+    def total_bytes(self) -> int:
+        """Bytes of all buffers, the kernel's temporary included."""
+        return self.capacity * _per_element(
+            self.jobs,
+            self.slots,
+            self.out_buffers,
+            self.acc_itemsize,
+            self.in_itemsize,
+            self.out_itemsize,
+        )
+
+
+def _per_element(jobs: int, slots: int, outs: int, acc: int, inp: int, out: int) -> int:
+    return (jobs + 1) * acc + outs * out + slots * inp
+
+
+def size_buffers(
+    budget_bytes: int,
+    *,
+    jobs: int,
+    slots: int,
+    acc_dtype: torch.dtype,
+    in_itemsize: int,
+    out_itemsize: int,
+    largest_chunk: int,
+) -> Buffers:
+    """Largest piece (in elements) such that all buffers fit ``budget_bytes``.
+
+    Per element of a piece a rank holds one accumulator per job plus one temporary of the
+    kernel (``acc_dtype``), two output elements (write-behind) and ``slots`` prefetched input
+    elements.
+    """
+    usable = budget_bytes - min(_RESERVE_BYTES, budget_bytes // 4)
+    per_element = _per_element(jobs, slots, 2, acc_dtype.itemsize, in_itemsize, out_itemsize)
+    capacity = max(1, min(usable // per_element, max(1, largest_chunk)))
+    return Buffers(capacity, slots, in_itemsize, out_itemsize, acc_dtype.itemsize, jobs)
+
+
+def split_chunk(
+    sizes: Sequence[int], capacity: int
+) -> list[tuple[tuple[int, ...], tuple[int, ...], int]]:
+    """Cut a row-major chunk of shape ``sizes`` into boxes of at most ``capacity`` elements that
+    are contiguous runs: ``[(box offsets within the chunk, box sizes, first flat index)]``."""
+    sizes = tuple(sizes)
+    total = math.prod(sizes)
+    if total <= capacity or not sizes:
+        return [((0,) * len(sizes), sizes, 0)]
+    # The outermost dimension whose inner block (one "row") fits the capacity.
+    dim = next(d for d in range(len(sizes)) if math.prod(sizes[d + 1 :]) <= capacity)
+    inner = math.prod(sizes[dim + 1 :])
+    rows = capacity // inner
+    strides = [math.prod(sizes[d + 1 :]) for d in range(len(sizes))]
+    boxes = []
+    for outer in itertools.product(*(range(s) for s in sizes[:dim])):
+        for r0 in range(0, sizes[dim], rows):
+            r = min(rows, sizes[dim] - r0)
+            offsets = (*outer, r0, *(0,) * (len(sizes) - dim - 1))
+            box = (*(1,) * dim, r, *sizes[dim + 1 :])
+            boxes.append((offsets, box, sum(o * s for o, s in zip(offsets, strides, strict=True))))
+    return boxes
+
+
+def pieces_of(chunk: ChunkRef, kind: str, out_dtype: torch.dtype, capacity: int) -> list[Piece]:
+    return [
+        Piece(
+            chunk,
+            kind,
+            out_dtype,
+            tuple(a + b for a, b in zip(chunk.offsets, off, strict=True)),
+            box,
+            start,
+        )
+        for off, box, start in split_chunk(chunk.sizes, capacity)
+    ]
+
+
+def averageable(dtype: torch.dtype) -> bool:
+    """Floating dtypes the accumulation kernels take (fp32, bf16, fp16, fp64)."""
+    return dtype in SUPPORTED_DTYPES
+
+
+def unit_cost(unit: Unit) -> int:
+    """Bytes a unit reads plus bytes it writes (per job output), the balancing measure."""
+    if isinstance(unit, BytesItem):
+        return sum(info.length for _, info in unit.sources) * 2
+    n = unit.numel
+    reads = len(unit.chunk.sources) * n * unit.chunk.dtype.itemsize
+    return reads + n * unit.out_dtype.itemsize
+
+
+def _position(unit: Unit) -> tuple[str, int, int]:
+    """Where the newest needed input stores the unit: file, item offset, element offset."""
+    _, info = unit.chunk.sources[-1] if isinstance(unit, Piece) else unit.sources[-1]
+    return (info.relative_path, info.offset, unit.start if isinstance(unit, Piece) else 0)
+
+
+def assign_ranks(units: Sequence[Unit], world_size: int) -> list[list[Unit]]:
+    """Split the units, ordered by file position, into ``world_size`` contiguous runs of about
+    equal cost (bytes read + written); each rank then reads its files mostly sequentially."""
+    ordered = sorted(units, key=_position)
+    total = sum(unit_cost(u) for u in ordered)
+    share = total / world_size if total else 1.0
+    per_rank: list[list[Unit]] = [[] for _ in range(world_size)]
+    done = 0
+    for unit in ordered:
+        cost = unit_cost(unit)
+        rank = min(world_size - 1, int((done + cost / 2) // share))
+        per_rank[rank].append(unit)
+        done += cost
+    return per_rank
+
+
+@dataclass(frozen=True)
+class InputRef:
+    """An input checkpoint as the merge ranks see it."""
+
+    iteration: int
+    path: Path
+
+
+@dataclass(frozen=True)
+class JobPlan:
+    """One output: its inputs (indices into the plan's inputs, oldest first), coefficients and
+    the temporary directory the ranks write into."""
+
+    name: str | None
+    inputs: tuple[int, ...]
+    coefficients: tuple[float, ...]
+    tmp_dir: Path
+
+    @property
+    def newest(self) -> int:
+        return self.inputs[-1]
+
+
+@dataclass(frozen=True)
+class RankPlan:
+    """Everything one merge rank needs: inputs, jobs, its units and buffer sizes."""
+
+    rank: int
+    world_size: int
+    inputs: tuple[InputRef, ...]
+    jobs: tuple[JobPlan, ...]
+    units: tuple[Unit, ...]
+    buffers: Buffers
+    acc_dtype: torch.dtype
+    check_finite: bool
+    io_threads: int
+    threads: int
+
+    @property
+    def read_bytes(self) -> int:
+        total = 0
+        for unit in self.units:
+            if isinstance(unit, BytesItem):
+                total += sum(info.length for _, info in unit.sources)
+            else:
+                total += len(unit.chunk.sources) * unit.numel * unit.chunk.dtype.itemsize
+        return total

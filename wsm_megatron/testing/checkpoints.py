@@ -1,0 +1,301 @@
+"""Realistic Megatron-LM-style test checkpoints, written by megatron-core itself or by plain DCP.
+
+- :func:`write_megatron_checkpoints` (run it on ``tp * pp * dp`` ranks, e.g. with
+  :func:`wsm_megatron.testing.distributed.run_distributed`): a small bf16 GPTModel whose
+  layernorms and position embeddings are fp32, saved with ``dist_checkpointing.save`` as
+  Megatron-LM's ``generate_state_dict`` builds it (args, iteration, model, optimizer state, RNG
+  and rerun-machine objects, content metadata), plus an integer buffer and an ``_extra_state``
+  object that change with the iteration. Weights follow a seeded random walk, one step per
+  checkpoint. The tracker file is written after each save, as Megatron-LM does.
+- :func:`write_dcp_checkpoint`: one process, a plain dict of tensors/objects saved with
+  ``torch.distributed.checkpoint`` in Megatron-LM's layout (fast; for failure tests, benchmarks).
+- :func:`load_dcp_tensors`: every tensor of a checkpoint as a global tensor, read by DCP itself
+  (an independent reference for merge results); :func:`fp64_reference` a merge in fp64 from it.
+- :func:`shared_megatron_checkpoints`: write a set once per directory, safe across processes
+  (pytest-xdist workers), for a session-scoped fixture.
+"""
+
+from __future__ import annotations
+
+import argparse
+import fcntl
+import json
+import os
+import shutil
+import zlib
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from wsm_megatron.layout import iteration_dir, write_tracker
+
+CONTENT_METADATA = {
+    "distrib_optim_sharding_type": "fully_reshardable",
+    "singleton_local_shards": False,
+    "chained_optim_avoid_prefix": True,
+}
+TORCH_DIST_CONFIG = {
+    "sharded_backend": "torch_dist",
+    "sharded_backend_version": 1,
+    "common_backend": "torch",
+    "common_backend_version": 1,
+}
+INT_BUFFER_KEY = "decoder.wsm_test_token_counts"
+EXTRA_STATE_KEY = "decoder.wsm_test_fp8._extra_state"
+WALK_STEP = 0.01
+
+
+def _seed(*parts: object) -> int:
+    return zlib.crc32("|".join(map(str, parts)).encode())
+
+
+def megatron_args(**overrides: Any) -> argparse.Namespace:
+    """A minimal ``args`` namespace as Megatron-LM saves it in ``common.pt``."""
+    args = dict(
+        seq_length=16,
+        global_batch_size=8,
+        micro_batch_size=2,
+        tensor_model_parallel_size=1,
+        pipeline_model_parallel_size=1,
+        num_layers=4,
+        hidden_size=64,
+        num_attention_heads=4,
+        bf16=True,
+        ckpt_format="torch_dist",
+        use_distributed_optimizer=True,
+        consumed_train_samples=0,
+    )
+    args.update(overrides)
+    return argparse.Namespace(**args)
+
+
+def _sharded_tensors(tree: Any) -> list[Any]:
+    from megatron.core.dist_checkpointing.mapping import ShardedTensor
+
+    if isinstance(tree, ShardedTensor):
+        return [tree]
+    if isinstance(tree, Mapping):
+        return [t for v in tree.values() for t in _sharded_tensors(v)]
+    if isinstance(tree, (list, tuple)):
+        return [t for v in tree for t in _sharded_tensors(v)]
+    return []
+
+
+def write_megatron_checkpoints(
+    root: str | os.PathLike[str],
+    iterations: Sequence[int],
+    *,
+    tp: int = 2,
+    pp: int = 2,
+    seed: int = 1234,
+    num_layers: int = 4,
+    hidden_size: int = 64,
+    num_attention_heads: int = 4,
+    vocab_size: int = 128,
+    seq_length: int = 16,
+    global_batch_size: int = 8,
+    with_optimizer: bool = True,
+) -> dict[str, Any]:
+    """Save a checkpoint at each of ``iterations`` under ``root`` from every rank of a
+    ``tp x pp (x dp)`` job; initialises the parallel state if needed. Returns this rank's
+    ``(tp_rank, pp_rank)`` and the sharded keys it saved."""
+    from megatron.core import dist_checkpointing, parallel_state
+    from megatron.core.dist_checkpointing.mapping import ShardedObject, ShardedTensor
+    from megatron.core.dist_checkpointing.optimizer import make_sharded_optimizer_tensor
+
+    from wsm_megatron.runtime import ParallelConfig, init_distributed
+    from wsm_megatron.testing.models import tiny_gpt
+
+    if not parallel_state.model_parallel_is_initialized():
+        init_distributed(ParallelConfig(tp, pp))
+    assert parallel_state.get_tensor_model_parallel_world_size() == tp
+    assert parallel_state.get_pipeline_model_parallel_world_size() == pp
+    rank = torch.distributed.get_rank()
+    tp_rank = parallel_state.get_tensor_model_parallel_rank()
+    pp_rank = parallel_state.get_pipeline_model_parallel_rank()
+    dp_rank = parallel_state.get_data_parallel_rank(with_context_parallel=True)
+    dp = parallel_state.get_data_parallel_world_size(with_context_parallel=True)
+
+    model = tiny_gpt(
+        num_layers=num_layers,
+        hidden_size=hidden_size,
+        num_attention_heads=num_attention_heads,
+        vocab_size=vocab_size,
+        seq_length=seq_length,
+        params_dtype=torch.bfloat16,
+        seed=seed,
+    )
+    for name, module in model.named_modules():  # fp32 layernorms and position embeddings
+        if "norm" in type(module).__name__.lower() or name.endswith("position_embeddings"):
+            module.float()
+
+    walk: dict[tuple[str, tuple[int, ...]], torch.Tensor] = {}
+    keys: list[str] = []
+    root = Path(root)
+    for it in iterations:
+        model_sd = model.sharded_state_dict()
+        with torch.no_grad():
+            for sh in _sharded_tensors(model_sd):
+                where = (sh.key, tuple(sh.global_offset))
+                g = torch.Generator().manual_seed(_seed(seed, *where, it))
+                noise = torch.randn(sh.data.shape, generator=g)
+                walk[where] = walk.get(where, sh.data.float()) + WALK_STEP * noise
+                sh.data.copy_(walk[where])
+        counts = torch.arange(8, dtype=torch.int64) + 1000 * tp_rank + it
+        state: dict[str, Any] = {
+            "args": megatron_args(
+                seq_length=seq_length,
+                global_batch_size=global_batch_size,
+                tensor_model_parallel_size=tp,
+                pipeline_model_parallel_size=pp,
+                num_layers=num_layers,
+                hidden_size=hidden_size,
+                num_attention_heads=num_attention_heads,
+                consumed_train_samples=it * global_batch_size,
+            ),
+            "checkpoint_version": 3.0,
+            "iteration": it,
+            "num_floating_point_operations_so_far": 1.0e12 * it,
+            "model": model_sd,
+            "wsm_test": {
+                "extra_state": ShardedObject(
+                    EXTRA_STATE_KEY,
+                    {"iteration": it, "amax_history": torch.full((4,), float(it))},
+                    (pp, tp),
+                    (pp_rank, tp_rank),
+                    replica_id=dp_rank,
+                ),
+            },
+            "rng_state": ShardedObject(
+                "rng_state",
+                [{"torch_rng_state": torch.get_rng_state(), "iteration": it}],
+                (pp, tp),
+                (pp_rank, tp_rank),
+                replica_id=dp_rank,
+            ),
+            "rerun_state_machine": {
+                "mode": "disabled",
+                "sharded": ShardedObject(
+                    "rerun_state_machine_state",
+                    {"iteration": it},
+                    (pp, tp),
+                    (pp_rank, tp_rank),
+                    replica_id=dp_rank,
+                ),
+            },
+        }
+        if pp_rank == 0:
+            state["wsm_test"]["token_counts"] = ShardedTensor.from_rank_offsets(
+                INT_BUFFER_KEY, counts, (0, tp_rank, tp), replica_id=dp_rank
+            )
+        if with_optimizer:
+            optimizer = {}
+            for sh in _sharded_tensors(model_sd):
+                g = torch.Generator().manual_seed(_seed("adam", seed, sh.key, sh.global_offset, it))
+                moment = torch.randn(sh.data.shape, generator=g).abs()
+                optimizer[f"{sh.key}@{sh.global_offset}"] = make_sharded_optimizer_tensor(
+                    sh, moment, "optimizer.state.exp_avg_sq"
+                )
+            state["optimizer"] = {
+                "state": optimizer,
+                "param_groups": [{"lr": 1e-4, "step": it}],
+            }
+            state["opt_param_scheduler"] = {"num_steps": it * global_batch_size}
+        ckpt_dir = iteration_dir(root, it)
+        if rank == 0:
+            ckpt_dir.mkdir(parents=True)
+        torch.distributed.barrier()
+        dist_checkpointing.save(state, str(ckpt_dir), content_metadata=dict(CONTENT_METADATA))
+        torch.distributed.barrier()
+        if rank == 0:
+            write_tracker(root, it)
+        keys = sorted({sh.key for sh in _sharded_tensors(state)})
+    return {"tp_rank": tp_rank, "pp_rank": pp_rank, "dp": dp, "keys": keys}
+
+
+def write_dcp_checkpoint(
+    root: str | os.PathLike[str],
+    iteration: int,
+    tensors: Mapping[str, torch.Tensor],
+    *,
+    objects: Mapping[str, Any] | None = None,
+    args: argparse.Namespace | None = None,
+    tracker: bool = True,
+) -> Path:
+    """Save ``tensors`` (one chunk each) and ``objects`` with plain DCP from this process, in
+    Megatron-LM's layout: ``root/iter_XXXXXXX/`` with ``.metadata``, ``__0_0.distcp``,
+    ``common.pt`` and ``metadata.json``; then the tracker file (``tracker=True``)."""
+    import torch.distributed.checkpoint as dcp
+
+    ckpt_dir = iteration_dir(root, iteration)
+    ckpt_dir.mkdir(parents=True)
+    state = {**tensors, **(objects or {})}
+    dcp.save(state, storage_writer=dcp.FileSystemWriter(str(ckpt_dir)), no_dist=True)
+    common = {
+        "args": args if args is not None else megatron_args(),
+        "checkpoint_version": 3.0,
+        "iteration": iteration,
+    }
+    torch.save(common, ckpt_dir / "common.pt")
+    (ckpt_dir / "metadata.json").write_text(json.dumps(TORCH_DIST_CONFIG))
+    if tracker:
+        write_tracker(root, iteration)
+    return ckpt_dir
+
+
+def load_dcp_tensors(
+    ckpt_dir: str | os.PathLike[str], keys: Sequence[str] | None = None
+) -> dict[str, torch.Tensor]:
+    """Global tensors of a DCP checkpoint (all, or ``keys``), loaded by DCP in this process."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.metadata import TensorStorageMetadata
+
+    reader = dcp.FileSystemReader(str(ckpt_dir))
+    metadata = reader.read_metadata().state_dict_metadata
+    wanted = keys if keys is not None else sorted(metadata)
+    state = {
+        key: torch.empty(tuple(metadata[key].size), dtype=metadata[key].properties.dtype)
+        for key in wanted
+        if isinstance(metadata[key], TensorStorageMetadata)
+    }
+    dcp.load(state, storage_reader=reader, no_dist=True)
+    return state
+
+
+def fp64_reference(
+    root: str | os.PathLike[str],
+    iterations: Sequence[int],
+    coefficients: Sequence[float],
+    *,
+    absolute: bool = False,
+) -> dict[str, torch.Tensor]:
+    """``Σ_j c_j θ_j`` in fp64 (oldest first) of every floating tensor, read by DCP;
+    ``Σ_j c_j |θ_j|`` (the scale of rounding errors) with ``absolute``."""
+    ref: dict[str, torch.Tensor] = {}
+    for it, c in zip(iterations, coefficients, strict=True):
+        for key, x in load_dcp_tensors(iteration_dir(root, it)).items():
+            if x.dtype.is_floating_point:
+                x = x.double().abs() if absolute else x.double()
+                ref[key] = ref.get(key, torch.zeros((), dtype=torch.float64)) + c * x
+    return ref
+
+
+def shared_megatron_checkpoints(
+    directory: str | os.PathLike[str], iterations: Sequence[int]
+) -> Path:
+    """``directory/ckpts``: :func:`write_megatron_checkpoints` (TP=2, PP=2) at ``iterations``
+    on 4 gloo ranks, written once; concurrent callers wait on a file lock."""
+    from wsm_megatron.testing.distributed import run_distributed
+
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    root = directory / "ckpts"
+    with open(directory / "ckpts.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if not (directory / "ckpts.done").exists():
+            shutil.rmtree(root, ignore_errors=True)
+            run_distributed(write_megatron_checkpoints, 4, str(root), list(iterations))
+            (directory / "ckpts.done").touch()
+    return root
