@@ -14,7 +14,6 @@ checkpoint and tensor; the output root is left as it was), 2 for invalid flags.
 from __future__ import annotations
 
 import argparse
-import datetime
 import signal
 import sys
 import threading
@@ -214,25 +213,18 @@ def main(argv: Sequence[str] | None = None) -> int:
     import torch.distributed as dist
 
     from wsm_megatron.merge.api import merge
-    from wsm_megatron.runtime import detect_launch_env
+    from wsm_megatron.runtime import detect_launch_env, init_distributed
 
     try:
         launch = detect_launch_env()
     except ValueError as err:
         _error(str(err))
         return 2
-    started_group = False
-    if launch.world_size > 1 and not dist.is_initialized():
+    started_group = launch.world_size > 1 and not dist.is_initialized()
+    if started_group:
         # gloo, whatever the node has: merge ranks do CPU work and only exchange metadata, so
         # their number per node is not tied to the GPUs (and Megatron is never imported).
-        dist.init_process_group(
-            backend="gloo",
-            init_method=f"tcp://{launch.master_addr}:{launch.master_port}",
-            rank=launch.rank,
-            world_size=launch.world_size,
-            timeout=datetime.timedelta(minutes=120),
-        )
-        started_group = True
+        init_distributed(megatron=False, backend="gloo", timeout_minutes=120)
     previous = None
     if threading.current_thread() is threading.main_thread():
         # SLURM and torchrun stop jobs with SIGTERM: unwind so the temporary output is removed.

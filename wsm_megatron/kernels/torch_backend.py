@@ -99,9 +99,10 @@ def _flag_nonfinite(tensors: list[torch.Tensor], found: torch.Tensor) -> None:
     tensors = [x for x in tensors if x.numel() > 0]
     if not tensors:
         return
-    # max |x| is finite iff every element is finite (the max propagates NaN).
-    norms = torch._foreach_norm(tensors, float("inf"))
-    bad = ~torch.isfinite(torch.stack([n.double() for n in norms])).all()
+    # min and max are both finite iff every element is finite (both propagate NaN). aminmax reads
+    # each tensor once and is far faster on CPU than _foreach_norm(inf).
+    extremes = torch.stack([torch.stack(torch.aminmax(x)).double() for x in tensors])
+    bad = ~torch.isfinite(extremes).all()
     found.masked_fill_(bad, 1)
 
 

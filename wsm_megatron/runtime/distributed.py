@@ -73,8 +73,9 @@ class ParallelConfig:
         """The data-parallel size for ``world_size`` processes; a clear error if it does not fit."""
         if world_size % self.model_parallel_size:
             raise ValueError(
-                f"world size {world_size} is not divisible by tensor ({self.tensor_model_parallel_size})"
-                f" x pipeline ({self.pipeline_model_parallel_size})"
+                f"world size {world_size} is not divisible by tensor"
+                f" ({self.tensor_model_parallel_size}) x pipeline"
+                f" ({self.pipeline_model_parallel_size})"
                 f" x context ({self.context_parallel_size}) parallel sizes"
             )
         dp = world_size // self.model_parallel_size
@@ -206,17 +207,25 @@ def init_distributed(
     timeout_minutes: float = 30.0,
     megatron: bool = True,
     seed: int | None = None,
+    backend: str | None = None,
 ) -> Runtime:
     """Initialise torch.distributed (NCCL on GPUs, gloo on CPU) and Megatron's parallel state.
 
-    ``megatron=False`` sets up only the process group (the merge tool needs no model parallelism).
-    With ``seed``, Megatron's model-parallel RNG tracker is seeded too.
+    ``megatron=False`` sets up only the process group: no Megatron import, no CPU compatibility
+    layer (the merge tool needs neither). ``backend="gloo"`` forces CPU processes over gloo even
+    where GPUs exist, so that the number of ranks per node is not tied to the GPU count (CPU-side
+    work such as merging). With ``seed``, Megatron's model-parallel RNG tracker is seeded too.
     """
+    if backend not in (None, "gloo", "nccl"):
+        raise ValueError(f"backend must be 'gloo' or 'nccl', got {backend!r}")
     parallel = parallel or ParallelConfig()
     launch = detect_launch_env(env)
     dp = parallel.data_parallel_size(launch.world_size)
+    use_cuda = torch.cuda.is_available() and backend != "gloo"
+    if backend == "nccl" and not use_cuda:
+        raise ValueError("backend 'nccl' needs CUDA, and no GPU is visible")
 
-    if torch.cuda.is_available():
+    if use_cuda:
         if launch.local_rank >= torch.cuda.device_count():
             raise ValueError(
                 f"local rank {launch.local_rank} but only {torch.cuda.device_count()} GPUs visible"
@@ -224,7 +233,8 @@ def init_distributed(
         torch.cuda.set_device(launch.local_rank)
         device, backend = torch.device("cuda", launch.local_rank), "nccl"
     else:
-        cpu_compat.install()
+        if megatron:
+            cpu_compat.install()
         device, backend = torch.device("cpu"), "gloo"
 
     if not dist.is_initialized():
