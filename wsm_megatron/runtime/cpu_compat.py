@@ -19,11 +19,23 @@ models, pipeline schedules and ``dist_checkpointing`` run on CPU over gloo. It i
    RNG advances inside a fork, which on CPU is the intended behaviour, so that one warning is
    filtered.
 4. Tensors created on ``"cuda"`` by name: the pipeline schedules count tokens in
-   ``torch.zeros([], device="cuda")`` and the checkpoint savers reduce flags in
-   ``torch.tensor(..., device="cuda")``, the default causal mask is built on ``"cuda"``. Only in the modules listed in ``_CUDA_LITERAL_MODULES``,
-   the module's ``torch`` is replaced by a thin proxy whose tensor factories map a ``"cuda"``
-   device to the CPU; everything else is the real ``torch``. Other code is not touched, so a
-   path we have not adapted fails loudly rather than silently.
+   ``torch.zeros([], device="cuda")``, the checkpoint savers reduce flags in
+   ``torch.tensor(..., device="cuda")`` and the default causal mask is built on ``"cuda"``.
+   Only in the modules listed in ``_CUDA_LITERAL_MODULES``, the module's ``torch`` is replaced
+   by a thin proxy whose tensor factories map a ``"cuda"`` device to the CPU; everything else is
+   the real ``torch``. Other code is not touched, so a path we have not adapted fails loudly
+   rather than silently.
+5. Megatron's optimizer on CPU (``FP32Optimizer``; the distributed and mixed-precision optimizers
+   stay GPU-only): ``megatron.core.optimizer.optimizer``/``clip_grads`` and the local
+   multi-tensor fallbacks in ``megatron.core.utils`` create their scalars on ``"cuda"`` (item 4
+   covers them), and ``clip_grad_by_total_norm_fp32`` asserts ``grad.type() ==
+   "torch.cuda.FloatTensor"``. In the optimizer module it is replaced by the same function with
+   that assertion on the dtype (fp32) instead of the CUDA tensor type; the norm itself is still
+   Megatron's ``get_grad_norm_fp32``.
+6. Tied embeddings across pipeline stages: ``LanguageModule.setup_embeddings_and_output_layer``
+   moves the last stage's copy of the word embeddings to the GPU (``weight.data.cuda()``) before
+   all-reducing it with the first stage's. On CPU that method runs with ``Tensor.cuda`` returning
+   the tensor unchanged, for the duration of that call only.
 
 Also needed on CPU, without patching: ``psutil`` (a dependency of ``dist_checkpointing``), and a
 ``if __name__ == "__main__":`` guard in scripts, because ``dist_checkpointing`` may spawn worker
@@ -32,7 +44,9 @@ processes.
 
 from __future__ import annotations
 
+import functools
 import logging
+from collections.abc import Callable
 
 import torch
 
@@ -43,6 +57,9 @@ _CUDA_LITERAL_MODULES = (
     "megatron.core.pipeline_parallel.schedules",
     "megatron.core.dist_checkpointing.strategies.state_dict_saver",
     "megatron.core.transformer.utils",
+    "megatron.core.optimizer.optimizer",
+    "megatron.core.optimizer.clip_grads",
+    "megatron.core.utils",
 )
 _FACTORIES = frozenset({"zeros", "ones", "empty", "full", "tensor", "arange", "as_tensor"})
 
@@ -96,6 +113,40 @@ def _manual_seed(seed: int) -> None:
     torch.default_generator.manual_seed(seed)
 
 
+def _clip_grad_by_total_norm_fp32(
+    parameters: list[torch.Tensor],
+    max_norm: float,
+    total_norm: float,
+    use_decoupled_grad: bool = False,
+) -> None:
+    """Megatron's ``clip_grad_by_total_norm_fp32`` for CPU tensors (asserts fp32, not CUDA)."""
+    from megatron.core.utils import to_local_if_dtensor
+
+    attr = "decoupled_grad" if use_decoupled_grad else "grad"
+    grads = [getattr(p, attr, None) for p in parameters]
+    grads = [to_local_if_dtensor(g).detach() for g in grads if g is not None]
+    assert all(g.dtype == torch.float32 for g in grads), "gradients must be fp32"
+    clip_coeff = max_norm / (total_norm + 1.0e-6)
+    if clip_coeff < 1.0:
+        for g in grads:
+            g.mul_(clip_coeff)
+
+
+def _cpu_tensor_cuda(method: Callable[..., object]) -> Callable[..., object]:
+    """``method`` with ``Tensor.cuda`` as the identity while it runs (the tensor stays on CPU)."""
+
+    @functools.wraps(method)
+    def wrapper(*args: object, **kwargs: object) -> object:
+        cuda = torch.Tensor.cuda
+        torch.Tensor.cuda = lambda tensor, *a, **k: tensor
+        try:
+            return method(*args, **kwargs)
+        finally:
+            torch.Tensor.cuda = cuda
+
+    return wrapper
+
+
 def is_active() -> bool:
     """Whether the CPU compatibility layer is installed in this process."""
     return _INSTALLED
@@ -122,6 +173,16 @@ def install() -> bool:
     logging.getLogger(mcore_random.__name__).addFilter(_ForkWarningFilter())
 
     import importlib
+
+    from megatron.core.optimizer import optimizer as mcore_optimizer
+
+    mcore_optimizer.clip_grad_by_total_norm_fp32 = _clip_grad_by_total_norm_fp32
+
+    from megatron.core.models.common.language_module.language_module import LanguageModule
+
+    LanguageModule.setup_embeddings_and_output_layer = _cpu_tensor_cuda(
+        LanguageModule.setup_embeddings_and_output_layer
+    )
 
     for module_name in _CUDA_LITERAL_MODULES:
         module = importlib.import_module(module_name)

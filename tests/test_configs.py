@@ -1,0 +1,166 @@
+"""Configs: the shipped YAML files validate; bad keys, types and settings fail with one clear
+error naming the key; dot-notation overrides; ``wsm-train --print-config``; launch scripts."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+from pathlib import Path
+
+import pytest
+import yaml
+
+from wsm_megatron.cli.train import main as train_main
+from wsm_megatron.training.config import (
+    CORPUS_PENDING,
+    ConfigError,
+    apply_overrides,
+    config_from_dict,
+    dump_config,
+    load_config,
+)
+
+REPO = Path(__file__).resolve().parents[1]
+CONFIGS = sorted((REPO / "configs").glob("*.yaml"))
+TINY = REPO / "configs" / "tiny-cpu.yaml"
+
+
+def _raw() -> dict:
+    return yaml.safe_load(TINY.read_text())
+
+
+@pytest.mark.parametrize("path", CONFIGS, ids=[p.stem for p in CONFIGS])
+def test_shipped_configs_validate_and_round_trip(path):
+    config = load_config(path)
+    assert config.train.lr_schedule == "wsm"
+    assert config.merge_quantity and config.merge_quantity >= 2
+    again = config_from_dict(yaml.safe_load(dump_config(config)))
+    assert again == config
+
+
+def test_the_four_configs_exist_and_moe_is_shaped_like_the_paper():
+    assert {p.stem for p in CONFIGS} >= {"tiny-cpu", "gpt-125m", "dense-1b", "moe-small"}
+    moe = load_config(REPO / "configs" / "moe-small.yaml").model
+    assert moe.num_experts >= 32 and moe.moe_router_topk == 8
+    assert moe.moe_shared_expert_intermediate_size == moe.moe_ffn_hidden_size
+    assert moe.moe_layers[0] is False and all(moe.moe_layers[1:])
+
+
+def test_overrides_parse_as_yaml_and_nest():
+    config = load_config(
+        TINY,
+        [
+            "model.num_layers=2",
+            "train.lr=3e-3",  # PyYAML reads this as a string; a float field accepts it
+            "train.eval_interval=null",
+            "checkpoint.keep_every=100",
+            "merge.schedule=1-sqrt",
+            "data.split=98,2,0",
+        ],
+    )
+    assert config.model.num_layers == 2 and config.train.lr == 3e-3
+    assert config.train.eval_interval is None and config.checkpoint.keep_every == 100
+    assert config.merge.schedule == "minus-sqrt"
+    assert config.data.train_data == CORPUS_PENDING  # filled in by resolve_corpus at run time
+    assert apply_overrides({}, ["a.b.c=[1, 2]"]) == {"a": {"b": {"c": [1, 2]}}}
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        (["model.num_layer=4"], "model.num_layer: unknown key (valid keys: "),
+        (["trian.lr=1"], "trian: unknown section"),
+        (["train.lr=fast"], "train.lr: expected a number, got 'fast' (str)"),
+        (["train.train_iters=1.5"], "train.train_iters: expected an integer, got 1.5"),
+        (["train.bf16=yes please"], "train.bf16: expected true or false"),
+        (["train.lr_schedule=cosine-ish"], "train.lr_schedule: expected one of 'wsm', 'wsd'"),
+        (["model.num_experts=4", "model.moe_router_topk=8"], "model.moe_router_topk: 8 exceeds"),
+        (
+            ["model.num_experts=4", "model.moe_shared_expert_intermediate_size=64"],
+            "Megatron's shared expert has no biases; set model.add_bias_linear=false",
+        ),
+        (["model.hidden_size=130"], "model.hidden_size: 130 is not divisible by"),
+        (["parallel.tensor_model_parallel_size=3"], "does not divide model.num_attention_heads"),
+        (["parallel.pipeline_model_parallel_size=3"], "does not divide model.num_layers (4)"),
+        (["train.global_batch_size=12"], "train.global_batch_size: 12 is not a multiple of"),
+        (["train.lr_warmup_iters=5000"], "train.lr_warmup_iters: 5000 must be smaller"),
+        (["train.lr_schedule=wsd"], "train.lr_wsd_decay_iters: the wsd schedule needs"),
+        (["train.lr_wsd_decay_iters=10"], "only the wsd schedule decays"),
+        (["train.min_lr=1"], "train.lr: the peak LR 0.003 is below min_lr"),
+        (["checkpoint.save_interval_tokens=1000"], "set either save_interval (iterations)"),
+        (["merge.window=120"], "merge.window: set either merge.quantity or merge.window"),
+        (["merge.quantity=null", "merge.window=120"], "not a multiple of the save interval"),
+        (["merge.schedule=median"], "merge.schedule: "),
+        (["data.train_data=[x]"], "data.train_data: comes from corpus.name=stdlib"),
+        (["corpus.name=null"], "data.train_data: required, not set"),
+        (["data.seq_length=0"], "data: DataConfig.seq_length: must be an integer >= 1"),
+        (["train.lr"], "train.lr: an override is section.key=value"),
+        (["lr=1"], "lr: name a key inside a section"),
+        (["model.num_layers.x=1"], "model.num_layers: is a value, not a section"),
+    ],
+)
+def test_config_errors_name_the_key(overrides, message):
+    with pytest.raises(ConfigError) as err:
+        load_config(TINY, overrides)
+    assert message in str(err.value)
+
+
+def test_missing_sections_and_files():
+    raw = _raw()
+    del raw["train"]
+    with pytest.raises(ConfigError, match="^train: required section"):
+        config_from_dict(raw)
+    with pytest.raises(ConfigError, match="does not exist"):
+        load_config("no/such.yaml")
+
+
+def test_cli_print_config_and_errors(capsys):
+    assert train_main(["--config", str(TINY), "--print-config", "train.lr=0.01"]) == 0
+    printed = yaml.safe_load(capsys.readouterr().out)
+    assert printed["train"]["lr"] == 0.01 and printed["parallel"]["tensor_model_parallel_size"] == 2
+    assert train_main(["--config", str(TINY), "--print-config", "train.lr=-1"]) == 2
+    assert capsys.readouterr().err == "wsm-train: error: train.lr: must be > 0, got -1.0\n"
+
+
+def test_world_size_that_does_not_fit_is_a_clear_error(capsys, monkeypatch):
+    # tiny-cpu wants TP=2; one process cannot hold it. Fails before building anything.
+    for name in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "SLURM_PROCID", "SLURM_NTASKS"):
+        monkeypatch.delenv(name, raising=False)
+    assert train_main(["--config", str(TINY)]) == 2
+    err = capsys.readouterr().err
+    assert "world size 1 is not divisible by tensor (2)" in err
+    assert "torchrun --nproc-per-node N" in err
+
+
+@pytest.mark.parametrize("script", ["torchrun.sh", "slurm.sbatch"])
+def test_launch_scripts_print_the_resolved_command(script):
+    env = {
+        **os.environ,
+        "DRY_RUN": "1",
+        "CONFIG": "configs/dense-1b.yaml",
+        "TP": "2",
+        "PP": "4",
+        "NPROC": "8",
+        "NODES": "16",
+        "GPUS_PER_NODE": "8",
+        "SLURM_JOB_ID": "4242",
+    }
+    out = subprocess.run(
+        ["bash", str(REPO / "launch" / script), "train.lr=1e-4"],
+        env=env,
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
+    assert out.startswith("+ ")
+    expected = (
+        "-m wsm_megatron.cli.train --config configs/dense-1b.yaml "
+        "parallel.tensor_model_parallel_size=2 parallel.pipeline_model_parallel_size=4 "
+        "train.lr=1e-4"
+    )
+    assert expected in out
+    if script == "torchrun.sh":
+        assert "torchrun --standalone --nproc-per-node 8 " in out
+    else:
+        assert "srun --nodes 16 --ntasks-per-node 8 --kill-on-bad-exit=1 python" in out
+        assert "MASTER_PORT=24242" in out

@@ -1,0 +1,190 @@
+"""wsm-train on CPU over gloo: TP=2 x PP=2 (4 processes) trains and checkpoints in Megatron-LM's
+layout; a run resumed in fresh processes matches an uninterrupted one bitwise; retention prunes
+what the merge window no longer needs; the checkpoint merges with wsm-merge and the merged model
+loads back for evaluation. A data-parallel MoE run saves on a token interval."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from megatron.core import dist_checkpointing
+
+from wsm_megatron.cli.merge import main as merge_main
+from wsm_megatron.layout import iteration_dir, list_iterations, read_tracker
+from wsm_megatron.testing.distributed import run_distributed
+
+REPO = Path(__file__).resolve().parents[1]
+TINY = REPO / "configs" / "tiny-cpu.yaml"
+SMALL = [  # tiny-cpu, smaller still: 4 layers of width 64 on 32-token sequences
+    "model.hidden_size=64",
+    "model.ffn_hidden_size=128",
+    "data.seq_length=32",
+    "train.micro_batch_size=2",
+    "train.global_batch_size=8",
+    "train.lr_warmup_iters=2",
+    "train.eval_iters=2",
+    "logging.log_interval=2",
+    "logging.wandb_mode=disabled",
+    "corpus.vocab_size=512",
+    "corpus.max_files=30",
+]
+
+
+@pytest.fixture(scope="module")
+def corpus_dir(tmp_path_factory) -> str:
+    base = tmp_path_factory.getbasetemp()
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        base = base.parent  # one corpus for all workers (its build is locked and cached)
+    return str(base / "wsm-train-corpus")
+
+
+def _train(overrides: list[str]) -> dict:
+    from megatron.core import parallel_state
+    from megatron.core.utils import unwrap_model
+
+    from wsm_megatron.training.config import load_config
+    from wsm_megatron.training.trainer import pretrain
+
+    result = pretrain(load_config(TINY, overrides))
+    model = unwrap_model(result.state.model[0])
+    return {
+        "grid": (
+            parallel_state.get_tensor_model_parallel_rank(),
+            parallel_state.get_pipeline_model_parallel_rank(),
+            parallel_state.get_data_parallel_rank(),
+        ),
+        "losses": result.losses,
+        "val_losses": result.val_losses,
+        "lrs": result.lrs,
+        "resumed_from": result.resumed_from,
+        "iteration": result.progress.iteration,
+        "weights": {
+            k: v.detach().numpy().copy()
+            for k, v in model.state_dict().items()
+            if isinstance(v, torch.Tensor)
+        },
+    }
+
+
+def _resume_then_evaluate(overrides: list[str], checkpoints: list[str]) -> dict:
+    from wsm_megatron.training.config import load_config
+    from wsm_megatron.training.trainer import evaluate_checkpoints
+
+    trained = _train(overrides)
+    trained["evaluated"] = evaluate_checkpoints(load_config(TINY, overrides), checkpoints)
+    return trained
+
+
+def _same_weights(a: dict, b: dict) -> bool:
+    return a.keys() == b.keys() and all(np.array_equal(a[k], b[k]) for k in a)
+
+
+def test_tp2_pp2_train_resume_retention_merge_evaluate(corpus_dir, tmp_path):
+    common = [*SMALL, f"corpus.cache_dir={corpus_dir}", "parallel.pipeline_model_parallel_size=2"]
+    straight, split = str(tmp_path / "straight"), str(tmp_path / "split")
+    run = [
+        "checkpoint.save_interval=2",
+        "merge.quantity=2",  # retention keeps the newest 2 checkpoints
+        "train.eval_interval=6",
+        "checkpoint.async_save=true",  # the GPU default, exercised on CPU
+    ]
+
+    # 1. Six iterations straight: checkpoints at 2, 4, 6; iteration 2 is pruned after 6 lands.
+    a = run_distributed(
+        _train, 4, [*common, *run, f"checkpoint.save={straight}", "train.train_iters=6"]
+    )
+    assert sorted(r["grid"] for r in a) == [(0, 0, 0), (0, 1, 0), (1, 0, 0), (1, 1, 0)]
+    losses = a[0]["losses"]
+    assert list(losses) == [1, 2, 3, 4, 5, 6] and all(r["losses"] == losses for r in a)
+    assert losses[6] < losses[1] < 7.0  # it learns (ln 512 = 6.24 at the start)
+    assert list_iterations(straight) == [4, 6] and read_tracker(straight) == 6
+
+    common_state = dist_checkpointing.load_common_state_dict(str(iteration_dir(straight, 6)))
+    assert common_state["checkpoint_version"] == 3.0 and common_state["iteration"] == 6
+    args = common_state["args"]
+    assert (args.seq_length, args.global_batch_size, args.consumed_train_samples) == (32, 8, 48)
+    assert (args.tensor_model_parallel_size, args.pipeline_model_parallel_size) == (2, 2)
+    assert {"opt_param_scheduler", "optimizer", "num_floating_point_operations_so_far"} <= set(
+        common_state
+    )
+    assert common_state["opt_param_scheduler"]["num_steps"] == 48  # samples, as Megatron-LM
+
+    # 2. Four iterations, then a fresh set of processes resumes to six.
+    run_distributed(_train, 4, [*common, *run, f"checkpoint.save={split}", "train.train_iters=4"])
+    merged = tmp_path / "merged"
+    assert merge_main(["--input", straight, "--output", str(merged), "--last", "2"]) == 0
+    assert read_tracker(merged) == 6
+    c = run_distributed(
+        _resume_then_evaluate,
+        4,
+        [*common, *run, f"checkpoint.save={split}", "train.train_iters=6"],
+        [straight, str(merged)],
+    )
+    by_grid = {r["grid"]: r for r in a}
+    for resumed in c:
+        assert resumed["resumed_from"] == 4 and list(resumed["losses"]) == [5, 6]
+        assert resumed["losses"] == {i: losses[i] for i in (5, 6)}  # bitwise equal floats
+        assert _same_weights(resumed["weights"], by_grid[resumed["grid"]]["weights"])
+
+    # 3. Weights-only evaluation at the training layout: the newest checkpoint gives the loss the
+    # trainer measured at that iteration; the merged model (mean of 4 and 6) another one.
+    evaluated = c[0]["evaluated"]
+    assert all(r["evaluated"] == evaluated for r in c)
+    newest, mean = evaluated[straight], evaluated[str(merged)]
+    assert newest == {"iteration": 6, "val_loss": pytest.approx(a[0]["val_losses"][6], abs=1e-6)}
+    assert mean["iteration"] == 6 and np.isfinite(mean["val_loss"])
+    assert mean["val_loss"] != newest["val_loss"]
+
+
+def _train_then_branch(overrides: list[str], branch: list[str]) -> list[dict]:
+    return [_train(overrides), _train(overrides + branch)]
+
+
+def test_data_parallel_moe_token_interval_and_wsd_branch(corpus_dir, tmp_path):
+    wsm, wsd = str(tmp_path / "wsm"), str(tmp_path / "wsd")
+    moe = [
+        *SMALL,
+        f"corpus.cache_dir={corpus_dir}",
+        "parallel.tensor_model_parallel_size=1",
+        "model.num_layers=2",
+        "model.num_experts=4",
+        "model.moe_router_topk=2",
+        "model.moe_ffn_hidden_size=32",
+        "model.moe_shared_expert_intermediate_size=32",
+        "model.moe_layer_freq=[0, 1]",
+        "model.swiglu=true",
+        "model.add_bias_linear=false",
+        "model.moe_token_dispatcher_type=allgather",  # alltoall needs CUDA streams
+        "train.train_iters=3",
+        f"checkpoint.save={wsm}",
+        "checkpoint.save_interval=null",
+        "checkpoint.save_interval_tokens=500",  # 256 tokens per iteration
+        "merge.quantity=null",
+    ]
+    # The paper's baseline: branch from the constant-LR checkpoint into a 1-sqrt decay.
+    branch = [
+        f"checkpoint.load={wsm}",
+        f"checkpoint.save={wsd}",
+        "train.train_iters=5",
+        "train.lr_schedule=wsd",
+        "train.lr_wsd_decay_iters=2",
+        "train.min_lr=0.0",
+    ]
+    results = run_distributed(_train_then_branch, 2, moe, branch)
+    (first, branched), (first_1, branched_1) = results
+    # Two data-parallel replicas see different data but keep identical weights.
+    assert [first["grid"], first_1["grid"]] == [(0, 0, 0), (0, 0, 1)]
+    assert _same_weights(first["weights"], first_1["weights"])
+    assert _same_weights(branched["weights"], branched_1["weights"])
+    assert any("experts" in key for key in first["weights"])
+    assert list_iterations(wsm) == [2, 3]  # 512 tokens crossed 500; the final iteration
+    # The branch resumes at 3 and decays over the last 2 iterations, 1-sqrt: Megatron's LR for
+    # iteration i is the schedule at i - 1 of 5 (the LR reaches 0 after the last update).
+    assert branched["resumed_from"] == 3 and list(branched["lrs"]) == [4, 5]
+    assert first["lrs"][3] == branched["lrs"][4] == 3e-3
+    assert branched["lrs"][5] == pytest.approx(3e-3 * (1 - 0.5**0.5))
+    assert list_iterations(wsd) == [4, 5] and list_iterations(wsm) == [2, 3]

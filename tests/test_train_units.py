@@ -1,0 +1,127 @@
+"""Trainer pieces without processes: LR schedules (WSM and baselines, the WSD branch), save
+intervals in iterations and tokens, checkpoint retention, the FLOPs count."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import pytest
+
+from wsm_megatron.layout import iteration_dir, write_tracker
+from wsm_megatron.training.checkpointing import Progress, resolve_checkpoint, save_due
+from wsm_megatron.training.config import load_config
+from wsm_megatron.training.metrics import flops_per_iteration
+from wsm_megatron.training.retention import checkpoints_to_prune, prune_checkpoints
+from wsm_megatron.training.schedules import lr_at
+
+REPO = Path(__file__).resolve().parents[1]
+TINY = REPO / "configs" / "tiny-cpu.yaml"
+
+
+def _train(*overrides: str):
+    return load_config(TINY, ["train.lr=1.0", "train.min_lr=0.1", *overrides]).train
+
+
+def test_wsm_is_linear_warmup_then_constant():
+    train = _train("train.train_iters=100", "train.lr_warmup_iters=10")
+    assert [lr_at(train, i) for i in (0, 5, 10)] == [0.0, 0.5, 1.0]
+    assert all(lr_at(train, i) == 1.0 for i in (11, 50, 99, 100, 5000))
+
+
+def test_baselines_decay_to_min_lr():
+    cosine = _train("train.train_iters=100", "train.lr_warmup_iters=0", "train.lr_schedule=cosine")
+    assert lr_at(cosine, 0) == 1.0 and lr_at(cosine, 100) == pytest.approx(0.1)
+    assert lr_at(cosine, 50) == pytest.approx(0.1 + 0.9 * 0.5)
+    linear = _train("train.train_iters=100", "train.lr_warmup_iters=0", "train.lr_schedule=linear")
+    assert lr_at(linear, 25) == pytest.approx(0.1 + 0.9 * 0.75)
+
+
+def test_wsd_branch_decays_over_the_last_iterations_only():
+    # A WSM run at iteration 800 branches into a 200-iteration 1-sqrt decay (the paper's baseline).
+    wsd = _train(
+        "train.train_iters=1000",
+        "train.lr_warmup_iters=10",
+        "train.lr_schedule=wsd",
+        "train.lr_wsd_decay_iters=200",
+        "train.lr_wsd_decay_style=minus_sqrt",
+    )
+    wsm = _train("train.train_iters=1000", "train.lr_warmup_iters=10")
+    assert all(lr_at(wsd, i) == lr_at(wsm, i) for i in (0, 5, 10, 500, 800))
+    assert lr_at(wsd, 850) == pytest.approx(0.1 + 0.9 * (1 - math.sqrt(50 / 200)))
+    assert lr_at(wsd, 1000) == pytest.approx(0.1)
+
+
+def test_save_interval_in_iterations_and_tokens():
+    config = load_config(TINY, ["checkpoint.save_interval=50"])
+    assert [i for i in range(1, 201) if save_due(config, Progress(i, 16 * i), 16)] == [
+        50,
+        100,
+        150,
+        200,
+    ]
+    # 16 x 128 = 2048 tokens per iteration; save whenever another 5000 tokens are consumed.
+    config = load_config(
+        TINY, ["checkpoint.save_interval=null", "checkpoint.save_interval_tokens=5000"]
+    )
+    due = [i for i in range(1, 11) if save_due(config, Progress(i, 16 * i), 16)]
+    assert due == [3, 5, 8, 10]  # tokens 6144, 10240, 16384, 20480
+    assert not save_due(
+        load_config(TINY, ["checkpoint.save=null", "checkpoint.save_interval=null"]),
+        Progress(50, 800),
+        16,
+    )
+
+
+def test_retention_keeps_the_merge_window_and_the_record():
+    on_disk = [100, 200, 300, 400, 500, 600, 700]
+    assert checkpoints_to_prune(on_disk, 600, keep_last=3) == [100, 200, 300]
+    # 700 is newer than the tracker (being written): never touched, and not counted as kept.
+    assert checkpoints_to_prune(on_disk, 600, keep_last=3, keep_every=200) == [100, 300]
+    assert checkpoints_to_prune(on_disk, 700, keep_last=10) == []
+    with pytest.raises(ValueError, match="keep_last must be >= 1"):
+        checkpoints_to_prune(on_disk, 700, keep_last=0)
+
+
+def test_prune_checkpoints_on_disk(tmp_path):
+    for it in (10, 20, 30, 40):
+        iteration_dir(tmp_path, it).mkdir()
+        (iteration_dir(tmp_path, it) / "metadata.json").write_text("{}")
+    (tmp_path / "elsewhere").mkdir()
+    iteration_dir(tmp_path, 5).symlink_to(tmp_path / "elsewhere")
+    write_tracker(tmp_path, 30)
+    assert prune_checkpoints(tmp_path, keep_last=2) == [10]
+    assert sorted(p.name for p in tmp_path.glob("iter_*")) == [
+        "iter_0000005",
+        "iter_0000020",
+        "iter_0000030",
+        "iter_0000040",
+    ]
+    assert resolve_checkpoint(tmp_path) == (iteration_dir(tmp_path, 30), 30)
+    assert resolve_checkpoint(iteration_dir(tmp_path, 40)) == (iteration_dir(tmp_path, 40), 40)
+    with pytest.raises(ValueError, match="neither a checkpoint root"):
+        resolve_checkpoint(tmp_path / "elsewhere")
+
+
+def test_flops_match_the_6nd_rule_for_a_dense_gpt():
+    config = load_config(REPO / "configs" / "gpt-125m.yaml")
+    m, vocab = config.model, 50304
+    flops = flops_per_iteration(config, vocab)
+    non_embedding = 12 * m.num_layers * m.hidden_size**2
+    six_nd = 6 * (non_embedding + vocab * m.hidden_size) * config.tokens_per_iteration
+    attention = 12 * m.num_layers * m.hidden_size * config.seq_length * config.tokens_per_iteration
+    assert flops == pytest.approx(six_nd + attention, rel=1e-9)
+    moe = load_config(REPO / "configs" / "moe-small.yaml")
+    dense_equivalent = load_config(
+        REPO / "configs" / "moe-small.yaml",
+        [
+            "model.num_experts=null",
+            "model.moe_ffn_hidden_size=null",
+            "model.moe_shared_expert_intermediate_size=null",
+            "model.moe_layer_freq=1",
+            "model.moe_router_topk=2",
+            "parallel.expert_model_parallel_size=1",
+        ],
+    )
+    # 11 MoE layers route to 8 x 256 + 256 = 2304 wide MLPs instead of the dense 2816.
+    assert flops_per_iteration(moe, vocab) < flops_per_iteration(dense_equivalent, vocab)

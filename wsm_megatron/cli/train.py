@@ -1,0 +1,127 @@
+"""``wsm-train``: WSM pre-training on Megatron-Core (run it under torchrun or SLURM's srun).
+
+Examples::
+
+    torchrun --nproc-per-node 2 -m wsm_megatron.cli.train --config configs/tiny-cpu.yaml
+    torchrun --nproc-per-node 8 -m wsm_megatron.cli.train --config configs/gpt-125m.yaml \\
+        data.train_data=[/data/web_text_document] train.lr=6e-4 checkpoint.save=ckpts
+    wsm-train --config configs/tiny-cpu.yaml --print-config parallel.tensor_model_parallel_size=1
+    torchrun --nproc-per-node 2 -m wsm_megatron.cli.train --config configs/tiny-cpu.yaml \\
+        --evaluate runs/demo/checkpoints runs/demo/merged --eval-output eval.json
+
+Overrides are ``section.key=value`` (values parsed as YAML). Re-running the same command resumes
+from the newest checkpoint in ``checkpoint.save``. Exit status 2 with one ``wsm-train: error:``
+line for an invalid configuration or launch.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import warnings
+from collections.abc import Sequence
+from pathlib import Path
+
+PROG = "wsm-train"
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog=PROG,
+        description="Pre-train a GPT with a warmup-stable LR and checkpoints for WSM merging "
+        "(arXiv 2507.17634) on Megatron-Core. Launch one process per GPU (or CPU rank) with "
+        "torchrun or srun.",
+    )
+    p.add_argument("--config", required=True, metavar="YAML", help="a config (see configs/)")
+    p.add_argument(
+        "overrides",
+        nargs="*",
+        metavar="SECTION.KEY=VALUE",
+        help="config overrides, e.g. train.lr=3e-3",
+    )
+    p.add_argument(
+        "--print-config",
+        action="store_true",
+        help="validate the configuration, print it resolved as YAML and exit (no launch needed)",
+    )
+    p.add_argument(
+        "--evaluate",
+        nargs="+",
+        metavar="CKPT",
+        help="instead of training, report the validation loss of these checkpoints (roots or "
+        "iter_* directories, weights only: merged checkpoints work)",
+    )
+    p.add_argument("--eval-output", metavar="JSON", help="with --evaluate: write results here")
+    return p
+
+
+def _quiet_imports() -> None:
+    """Silence library notices that are expected and not actionable here.
+
+    Megatron warns at import that Apex/TE are missing (the CPU setup), and about a deprecated
+    CUDA-graph default; torch's checkpoint internals about their own deprecations; the rerun
+    state machine announces that it is disabled. On CPU the CUDA connection hint is moot too.
+    """
+    import logging
+
+    import torch
+
+    for message in (
+        ".*(Apex|Transformer Engine).*not installed.*",
+        "Apex is not installed.*",
+        "full scope is deprecated.*",
+        ".*deprecating ShardedTensor.*",
+        "`load_state_dict` is deprecated.*",
+    ):
+        warnings.filterwarnings("ignore", message=message)
+    if not torch.cuda.is_available():
+        warnings.filterwarnings("ignore", message=".*CUDA_DEVICE_MAX_CONNECTIONS.*")
+    logging.getLogger("megatron.core.rerun_state_machine").setLevel(logging.ERROR)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    _quiet_imports()
+    from wsm_megatron.training.config import ConfigError, dump_config, load_config
+
+    is_main = os.environ.get("RANK", os.environ.get("SLURM_PROCID", "0")) == "0"
+    try:
+        config = load_config(args.config, args.overrides)
+    except ConfigError as err:
+        if is_main:
+            print(f"{PROG}: error: {err}", file=sys.stderr)
+        return 2
+    if args.print_config:
+        print(dump_config(config), end="")
+        return 0
+
+    from wsm_megatron.runtime import destroy_distributed
+    from wsm_megatron.training.trainer import evaluate_checkpoints, pretrain
+
+    try:
+        if args.evaluate:
+            results = evaluate_checkpoints(config, args.evaluate)
+            if args.eval_output and is_main:
+                Path(args.eval_output).parent.mkdir(parents=True, exist_ok=True)
+                Path(args.eval_output).write_text(json.dumps(results, indent=1) + "\n")
+        else:
+            pretrain(config)
+    except ValueError as err:
+        if is_main:
+            print(f"{PROG}: error: {err}", file=sys.stderr)
+            if "world size" in str(err):
+                print(
+                    f"{PROG}: launch one process per rank, e.g. torchrun --nproc-per-node N "
+                    f"-m wsm_megatron.cli.train ...",
+                    file=sys.stderr,
+                )
+        return 2
+    finally:
+        destroy_distributed()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

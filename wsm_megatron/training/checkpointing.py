@@ -1,0 +1,399 @@
+"""Save, resume and load ``torch_dist`` checkpoints in Megatron-LM's layout and key structure.
+
+``ROOT/iter_0000100/`` holds what Megatron-LM's ``save_checkpoint`` writes with
+``--ckpt-format torch_dist``: top-level ``args`` (a Namespace with ``seq_length``,
+``global_batch_size``, the parallel sizes, ``consumed_train_samples``, ...), ``checkpoint_version``
+3.0, ``iteration``, ``model`` (the unwrapped model's sharded state dict), ``optimizer``,
+``opt_param_scheduler``, ``rng_state`` (a ShardedObject over the (PP, TP) grid) and
+``num_floating_point_operations_so_far``. ``ROOT/latest_checkpointed_iteration.txt`` is updated
+only after every rank finished writing. So Megatron-LM (``--load``, ``--no-load-optim``...) and
+``wsm-merge`` read these checkpoints, and a merged (model-only) checkpoint loads back here.
+
+Resuming restores the model, optimizer, LR scheduler, RNG states (Python, NumPy, torch, the
+model-parallel tracker) and the data position (consumed samples); on CPU a resumed run matches an
+uninterrupted one bitwise. Saves are asynchronous on GPU (``checkpoint.async_save``; it works
+on CPU too, where the forked writer holds a copy-on-write snapshot of the weights).
+"""
+
+from __future__ import annotations
+
+import random
+from argparse import Namespace
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from megatron.core import dist_checkpointing, parallel_state, tensor_parallel
+from megatron.core.dist_checkpointing.mapping import ShardedObject
+from megatron.core.dist_checkpointing.serialization import (
+    get_default_save_sharded_strategy,
+    load_sharded_metadata,
+)
+from megatron.core.dist_checkpointing.strategies.async_utils import AsyncCallsQueue
+from megatron.core.dist_checkpointing.strategies.fully_parallel import (
+    FullyParallelSaveStrategyWrapper,
+)
+from megatron.core.dist_checkpointing.validation import StrictHandling
+from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
+from megatron.core.utils import unwrap_model
+
+from wsm_megatron.layout import iteration_dir, read_tracker, write_tracker
+from wsm_megatron.runtime import cpu_compat
+from wsm_megatron.training.config import WSMConfig
+from wsm_megatron.training.optimizer import TrainState, params_synced
+from wsm_megatron.training.retention import prune_checkpoints
+from wsm_megatron.training.schedules import _MEGATRON_STYLE
+
+CHECKPOINT_VERSION = 3.0
+
+
+@dataclass
+class Progress:
+    """Where training stands; what a checkpoint records besides the weights."""
+
+    iteration: int = 0
+    consumed_train_samples: int = 0
+    floating_point_operations: float = 0.0
+
+
+def resolve_checkpoint(path: str | Path) -> tuple[Path, int]:
+    """``(iteration directory, iteration)`` for a checkpoint root (tracker) or ``iter_*`` dir."""
+    path = Path(path)
+    tracker = read_tracker(path)
+    if tracker is not None:
+        return iteration_dir(path, tracker), tracker
+    if path.name.startswith("iter_") and (path / "metadata.json").is_file():
+        return path, int(path.name[len("iter_") :])
+    raise ValueError(
+        f"{str(path)!r} is neither a checkpoint root with latest_checkpointed_iteration.txt "
+        "nor a complete iter_XXXXXXX directory"
+    )
+
+
+def save_due(config: WSMConfig, progress: Progress, samples_this_iteration: int) -> bool:
+    """Whether the iteration just finished ends a save interval (iterations, or tokens: the
+    consumed tokens crossed a multiple of ``save_interval_tokens``)."""
+    c = config.checkpoint
+    if c.save is None:
+        return False
+    if c.save_interval is not None:
+        return progress.iteration % c.save_interval == 0
+    if c.save_interval_tokens is not None:
+        after = progress.consumed_train_samples * config.seq_length
+        before = (progress.consumed_train_samples - samples_this_iteration) * config.seq_length
+        return after // c.save_interval_tokens > before // c.save_interval_tokens
+    return False
+
+
+def checkpoint_args(
+    config: WSMConfig, progress: Progress, *, vocab_size: int, padded_vocab_size: int
+) -> Namespace:
+    """The ``args`` Namespace Megatron-LM stores, under Megatron-LM's argument names."""
+    m, p, t, c = config.model, config.parallel, config.train, config.checkpoint
+    world = dist.get_world_size()
+    return Namespace(
+        num_layers=m.num_layers,
+        hidden_size=m.hidden_size,
+        num_attention_heads=m.num_attention_heads,
+        group_query_attention=m.num_query_groups is not None,
+        num_query_groups=m.num_query_groups or m.num_attention_heads,
+        ffn_hidden_size=m.ffn_hidden_size or 4 * m.hidden_size,
+        kv_channels=m.kv_channels or m.hidden_size // m.num_attention_heads,
+        seq_length=config.seq_length,
+        max_position_embeddings=m.max_position_embeddings or config.seq_length,
+        position_embedding_type=m.position_embedding_type,
+        add_position_embedding=m.position_embedding_type == "learned_absolute",
+        rotary_base=m.rotary_base,
+        normalization=m.normalization,
+        swiglu=m.swiglu,
+        add_bias_linear=m.add_bias_linear,
+        qk_layernorm=m.qk_layernorm,
+        untie_embeddings_and_output_weights=m.untie_embeddings_and_output_weights,
+        init_method_std=m.init_method_std,
+        hidden_dropout=m.hidden_dropout,
+        attention_dropout=m.attention_dropout,
+        make_vocab_size_divisible_by=m.make_vocab_size_divisible_by,
+        vocab_size=vocab_size,
+        padded_vocab_size=padded_vocab_size,
+        num_experts=m.num_experts,
+        moe_router_topk=m.moe_router_topk,
+        moe_ffn_hidden_size=m.moe_ffn_hidden_size,
+        moe_shared_expert_intermediate_size=m.moe_shared_expert_intermediate_size,
+        moe_layer_freq=m.moe_layer_freq,
+        tensor_model_parallel_size=p.tensor_model_parallel_size,
+        pipeline_model_parallel_size=p.pipeline_model_parallel_size,
+        expert_model_parallel_size=p.expert_model_parallel_size,
+        sequence_parallel=p.sequence_parallel,
+        world_size=world,
+        data_parallel_size=parallel_state.get_data_parallel_world_size(),
+        use_distributed_optimizer=p.use_distributed_optimizer and not cpu_compat.is_active(),
+        micro_batch_size=t.micro_batch_size,
+        global_batch_size=t.global_batch_size,
+        train_iters=t.train_iters,
+        lr=t.lr,
+        min_lr=t.min_lr,
+        lr_decay_style=_MEGATRON_STYLE[t.lr_schedule],
+        lr_warmup_iters=t.lr_warmup_iters,
+        lr_warmup_init=t.lr_warmup_init,
+        lr_decay_iters=t.decay_iters,
+        lr_wsd_decay_style=t.lr_wsd_decay_style,
+        lr_wsd_decay_iters=t.lr_wsd_decay_iters,
+        weight_decay=t.weight_decay,
+        adam_beta1=t.adam_beta1,
+        adam_beta2=t.adam_beta2,
+        adam_eps=t.adam_eps,
+        clip_grad=t.clip_grad,
+        bf16=t.bf16 and not cpu_compat.is_active(),
+        fp16=False,
+        seed=t.seed,
+        save=c.save,
+        load=c.load_dir,
+        save_interval=c.save_interval,
+        ckpt_format="torch_dist",
+        use_dist_ckpt=True,
+        tokenizer_type="SentencePieceTokenizer",
+        tokenizer_model=config.data.tokenizer_model,
+        iteration=progress.iteration,
+        consumed_train_samples=progress.consumed_train_samples,
+        consumed_valid_samples=0,
+        wsm_config=config.to_dict(),
+    )
+
+
+def _rng_state() -> ShardedObject:
+    """This rank's RNG states as Megatron-LM saves them (one entry; DP replicas agree)."""
+    state = {
+        "random_rng_state": random.getstate(),
+        "np_rng_state": np.random.get_state(),
+        "torch_rng_state": torch.get_rng_state(),
+        "cuda_rng_state": torch.cuda.get_rng_state(),
+        "rng_tracker_states": tensor_parallel.get_cuda_rng_tracker().get_states(),
+    }
+    return ShardedObject(
+        "rng_state",
+        [state],
+        (
+            parallel_state.get_pipeline_model_parallel_world_size(),
+            parallel_state.get_tensor_model_parallel_world_size(),
+        ),
+        (
+            parallel_state.get_pipeline_model_parallel_rank(),
+            parallel_state.get_tensor_model_parallel_rank(),
+        ),
+        replica_id=parallel_state.get_data_parallel_rank(with_context_parallel=True),
+    )
+
+
+def _set_rng_state(states: list[dict[str, Any]]) -> None:
+    state = states[0]
+    random.setstate(state["random_rng_state"])
+    np.random.set_state(state["np_rng_state"])
+    torch.set_rng_state(state["torch_rng_state"])
+    torch.cuda.set_rng_state(state["cuda_rng_state"])
+    tensor_parallel.get_cuda_rng_tracker().set_states(state["rng_tracker_states"])
+
+
+def _content_metadata(distributed_optimizer: bool) -> dict[str, Any]:
+    """What Megatron-LM's ``_build_sharded_state_dict_metadata`` passes to sharded_state_dict."""
+    metadata: dict[str, Any] = {"singleton_local_shards": False, "chained_optim_avoid_prefix": True}
+    if distributed_optimizer:
+        metadata["distrib_optim_sharding_type"] = "dp_reshardable"
+    metadata["dp_cp_group"] = parallel_state.get_data_parallel_group(with_context_parallel=True)
+    return metadata
+
+
+def _serializable(metadata: dict[str, Any]) -> dict[str, Any]:
+    return {k: v for k, v in metadata.items() if k != "dp_cp_group"}
+
+
+def model_sharded_state_dict(model: list[torch.nn.Module], metadata: dict | None = None) -> dict:
+    """``{"model": ...}`` (or ``model0``, ``model1``... for virtual pipeline chunks)."""
+    chunks = unwrap_model(model)
+    if len(chunks) == 1:
+        return {"model": chunks[0].sharded_state_dict(metadata=metadata)}
+    return {f"model{i}": c.sharded_state_dict(metadata=metadata) for i, c in enumerate(chunks)}
+
+
+def _load_model_state(model: list[torch.nn.Module], loaded: dict[str, Any]) -> None:
+    chunks = unwrap_model(model)
+    for i, chunk in enumerate(chunks):
+        chunk.load_state_dict(loaded["model" if len(chunks) == 1 else f"model{i}"])
+
+
+def load_model_only(model: list[torch.nn.Module], path: str | Path) -> int:
+    """Load just the weights (``--no-load-optim --no-load-rng``), e.g. a merged checkpoint.
+
+    ``path`` is a checkpoint root or an ``iter_*`` directory; returns its iteration.
+    """
+    ckpt_dir, iteration = resolve_checkpoint(path)
+    sharded = model_sharded_state_dict(model)
+    loaded = dist_checkpointing.load(
+        sharded, str(ckpt_dir), strict=StrictHandling.ASSUME_OK_UNEXPECTED
+    )
+    _load_model_state(model, loaded)
+    return iteration
+
+
+class Checkpointer:
+    """Saves (every interval, asynchronously on GPU), prunes and resumes one training run."""
+
+    def __init__(
+        self,
+        config: WSMConfig,
+        state: TrainState,
+        scheduler: OptimizerParamScheduler,
+        *,
+        vocab_size: int,
+        padded_vocab_size: int,
+    ) -> None:
+        self.config = config
+        self.state = state
+        self.scheduler = scheduler
+        self.vocab_size = vocab_size
+        self.padded_vocab_size = padded_vocab_size
+        async_save = config.checkpoint.async_save
+        self.async_save = not cpu_compat.is_active() if async_save is None else async_save
+        self.queue = AsyncCallsQueue() if self.async_save else None
+        self.metadata = _content_metadata(state.distributed_optimizer)
+        self.last_saved: int | None = None
+        self._save_strategy: Any = None
+
+    def due(self, progress: Progress, samples_this_iteration: int) -> bool:
+        """Whether the iteration just finished crosses a save interval."""
+        return save_due(self.config, progress, samples_this_iteration)
+
+    # ------------------------------------------------------------------ state dicts
+    def _state_dict(self, progress: Progress, *, optimizer: bool, rng: bool, loading: bool) -> dict:
+        state_dict: dict[str, Any] = {
+            "args": checkpoint_args(
+                self.config,
+                progress,
+                vocab_size=self.vocab_size,
+                padded_vocab_size=self.padded_vocab_size,
+            ),
+            "checkpoint_version": CHECKPOINT_VERSION,
+            "iteration": progress.iteration,
+        }
+        state_dict.update(model_sharded_state_dict(self.state.model, self.metadata))
+        if optimizer:
+            state_dict["optimizer"] = self.state.optimizer.sharded_state_dict(
+                state_dict, is_loading=loading, metadata=self.metadata
+            )
+            state_dict["opt_param_scheduler"] = self.scheduler.state_dict()
+        if rng:
+            state_dict["rng_state"] = _rng_state()
+        state_dict["num_floating_point_operations_so_far"] = progress.floating_point_operations
+        return state_dict
+
+    # ------------------------------------------------------------------ save
+    def save(self, progress: Progress) -> None:
+        """Write ``iter_XXXXXXX`` for ``progress.iteration``; tracker and pruning follow it."""
+        root = Path(self.config.checkpoint.save)
+        ckpt_dir = iteration_dir(root, progress.iteration)
+        if dist.get_rank() == 0:
+            ckpt_dir.mkdir(parents=True, exist_ok=True)
+        dist.barrier()
+        with params_synced(self.state):
+            state_dict = self._state_dict(progress, optimizer=True, rng=True, loading=False)
+            request = dist_checkpointing.save(
+                state_dict,
+                str(ckpt_dir),
+                self._strategy(),
+                async_sharded_save=self.async_save,
+                content_metadata=_serializable(self.metadata),
+            )
+        iteration = progress.iteration
+
+        def finalize() -> None:
+            if dist.get_rank() == 0:
+                write_tracker(root, iteration)
+                self._prune(root)
+
+        if self.async_save:
+            request.add_finalize_fn(finalize)
+            self.queue.schedule_async_request(request)
+        else:
+            dist.barrier()
+            finalize()
+            dist.barrier()
+        self.last_saved = iteration
+
+    def _strategy(self) -> Any:
+        if self._save_strategy is None:
+            strategy = get_default_save_sharded_strategy()
+            if parallel_state.get_data_parallel_world_size() > 1:
+                strategy = FullyParallelSaveStrategyWrapper(
+                    strategy,
+                    parallel_state.get_data_parallel_group(with_context_parallel=True),
+                    True,
+                )
+            self._save_strategy = strategy
+        return self._save_strategy
+
+    def _prune(self, root: Path) -> None:
+        keep = self.config.merge_quantity
+        if keep is not None and self.config.checkpoint.prune:
+            prune_checkpoints(root, keep, self.config.checkpoint.keep_every)
+
+    def finalize(self, blocking: bool = False) -> None:
+        """Complete finished async saves (all of them with ``blocking``); a no-op on CPU."""
+        if self.queue is not None:
+            self.queue.maybe_finalize_async_calls(blocking=blocking)
+            if blocking:
+                self.queue.close()
+
+    # ------------------------------------------------------------------ resume
+    def load(self) -> Progress | None:
+        """Resume from ``checkpoint.load`` (default ``checkpoint.save``); None: nothing to load.
+
+        An explicit ``checkpoint.load`` without a checkpoint is an error (a branch must not
+        silently start from scratch); an empty ``save`` directory simply starts a new run.
+        """
+        c = self.config.checkpoint
+        root = c.load_dir
+        if root is None:
+            return None
+        if read_tracker(root) is None and not (Path(root) / "metadata.json").is_file():
+            if c.load is not None and c.load != c.save:
+                raise ValueError(f"checkpoint.load: no checkpoint found in {root!r}")
+            return None
+        ckpt_dir, _ = resolve_checkpoint(root)
+        common = dist_checkpointing.load_common_state_dict(str(ckpt_dir))
+        load_optim = not (c.no_load_optim or c.finetune)
+        load_rng = not (c.no_load_rng or c.finetune)
+        if load_optim and "opt_param_scheduler" not in common:
+            raise ValueError(
+                f"{ckpt_dir} has no optimizer state (a merged or model-only checkpoint?); "
+                "set checkpoint.no_load_optim=true (and no_load_rng=true) to load its weights"
+            )
+        if load_rng and "rng_state" not in common and not self._has_rng(ckpt_dir):
+            raise ValueError(f"{ckpt_dir} has no RNG state; set checkpoint.no_load_rng=true")
+        saved = Progress(
+            iteration=int(common["iteration"]),
+            consumed_train_samples=int(getattr(common["args"], "consumed_train_samples", 0)),
+            floating_point_operations=float(
+                common.get("num_floating_point_operations_so_far", 0.0)
+            ),
+        )
+        template = self._state_dict(saved, optimizer=load_optim, rng=load_rng, loading=True)
+        loaded = dist_checkpointing.load(
+            template, str(ckpt_dir), strict=StrictHandling.ASSUME_OK_UNEXPECTED
+        )
+        _load_model_state(self.state.model, loaded)
+        if load_optim:
+            self.state.optimizer.load_state_dict(loaded["optimizer"])
+            self.scheduler.load_state_dict(loaded["opt_param_scheduler"])
+        else:
+            self.state.optimizer.reload_model_params()
+        if load_rng:
+            _set_rng_state(loaded["rng_state"])
+        if c.finetune:
+            return Progress()
+        return saved
+
+    @staticmethod
+    def _has_rng(ckpt_dir: Path) -> bool:
+        return any(key.startswith("rng_state") for key in load_sharded_metadata(str(ckpt_dir)))

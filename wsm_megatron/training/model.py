@@ -1,0 +1,168 @@
+"""Build this rank's GPTModel chunk from a :class:`ModelConfig` on the current parallel state.
+
+Layer spec: Transformer Engine's when it is importable and a GPU is present (or when asked for),
+Megatron-Core's local spec otherwise (always on CPU). Dense and MoE models (MoE layers every
+``moe_layer_freq`` layers, shared expert optional) go through Megatron's own block-spec helper.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from megatron.core import parallel_state
+from megatron.core.models.gpt import GPTModel
+from megatron.core.models.gpt.gpt_layer_specs import (
+    get_gpt_decoder_block_spec,
+    get_gpt_layer_local_spec,
+    get_gpt_layer_with_transformer_engine_spec,
+)
+from megatron.core.tensor_parallel import param_is_not_tensor_parallel_duplicate
+from megatron.core.transformer import TransformerConfig
+from megatron.core.transformer.module import param_is_not_shared
+
+from wsm_megatron.runtime import cpu_compat
+from wsm_megatron.training.config import WSMConfig
+
+
+def padded_vocab_size(vocab_size: int, config: WSMConfig) -> int:
+    """Megatron-LM's padding: a multiple of ``make_vocab_size_divisible_by`` x TP size."""
+    multiple = (
+        config.model.make_vocab_size_divisible_by * config.parallel.tensor_model_parallel_size
+    )
+    return -(-vocab_size // multiple) * multiple
+
+
+def use_transformer_engine(config: WSMConfig) -> bool:
+    """Whether the Transformer Engine layer spec is used (never on CPU)."""
+    impl = config.model.transformer_impl
+    have_te = importlib.util.find_spec("transformer_engine") is not None
+    if impl == "transformer_engine":
+        if cpu_compat.is_active() or not have_te:
+            raise ValueError(
+                "model.transformer_impl: 'transformer_engine' needs a GPU and the "
+                "transformer_engine package; use 'auto' or 'local'"
+            )
+        return True
+    return impl == "auto" and have_te and not cpu_compat.is_active()
+
+
+def mixed_precision(config: WSMConfig) -> bool:
+    """bf16 training: asked for and on a GPU (the CPU path is fp32)."""
+    return config.train.bf16 and not cpu_compat.is_active()
+
+
+def transformer_config(config: WSMConfig) -> TransformerConfig:
+    """Megatron-Core's TransformerConfig for ``config`` on the current parallel state."""
+    m, p = config.model, config.parallel
+    bf16 = mixed_precision(config)
+    dtype = torch.bfloat16 if bf16 else torch.float32
+    moe = {}
+    if m.is_moe:
+        moe = dict(
+            num_moe_experts=m.num_experts,
+            moe_router_topk=m.moe_router_topk,
+            moe_ffn_hidden_size=m.moe_ffn_hidden_size or m.ffn_hidden_size or 4 * m.hidden_size,
+            moe_shared_expert_intermediate_size=m.moe_shared_expert_intermediate_size,
+            moe_layer_freq=m.moe_layer_freq,
+            moe_aux_loss_coeff=m.moe_aux_loss_coeff,
+            moe_router_load_balancing_type=m.moe_router_load_balancing_type,
+            moe_router_score_function=m.moe_router_score_function,
+            moe_token_dispatcher_type=m.moe_token_dispatcher_type,
+            moe_grouped_gemm=m.moe_grouped_gemm,
+            moe_router_dtype="fp32",
+        )
+    return TransformerConfig(
+        num_layers=m.num_layers,
+        hidden_size=m.hidden_size,
+        num_attention_heads=m.num_attention_heads,
+        num_query_groups=m.num_query_groups,
+        ffn_hidden_size=m.ffn_hidden_size or 4 * m.hidden_size,
+        kv_channels=m.kv_channels,
+        normalization=m.normalization,
+        gated_linear_unit=m.swiglu,
+        activation_func=F.silu if m.swiglu else F.gelu,
+        add_bias_linear=m.add_bias_linear,
+        qk_layernorm=m.qk_layernorm,
+        init_method_std=m.init_method_std,
+        hidden_dropout=m.hidden_dropout,
+        attention_dropout=m.attention_dropout,
+        tensor_model_parallel_size=parallel_state.get_tensor_model_parallel_world_size(),
+        pipeline_model_parallel_size=parallel_state.get_pipeline_model_parallel_world_size(),
+        expert_model_parallel_size=p.expert_model_parallel_size,
+        sequence_parallel=p.sequence_parallel,
+        use_cpu_initialization=cpu_compat.is_active(),
+        params_dtype=dtype,
+        pipeline_dtype=dtype,
+        bf16=bf16,
+        **moe,
+    )
+
+
+@dataclass(frozen=True)
+class BuiltModel:
+    """This rank's model chunk and what it was built from."""
+
+    module: GPTModel
+    config: TransformerConfig
+    vocab_size: int
+    """The padded vocabulary size (the embedding's global rows)."""
+    transformer_engine: bool
+
+
+def _moe_router_without_te() -> None:
+    """megatron-core 0.16.1's MoE router reads ``te_general_gemm`` even when Transformer Engine
+    is not installed (a NameError); defined as None, the router takes its plain matmul path."""
+    from megatron.core.transformer.moe import moe_utils
+
+    if not moe_utils.HAVE_TE and not hasattr(moe_utils, "te_general_gemm"):
+        moe_utils.te_general_gemm = None
+
+
+def build_model(config: WSMConfig, vocab_size: int) -> BuiltModel:
+    """This rank's pipeline stage of the GPT, on the device, before DDP wrapping."""
+    tconfig = transformer_config(config)
+    te = use_transformer_engine(config)
+    m = config.model
+    if m.is_moe:
+        if cpu_compat.is_active() and m.moe_token_dispatcher_type == "alltoall":
+            raise ValueError(
+                "model.moe_token_dispatcher_type: 'alltoall' needs CUDA streams; "
+                "use 'allgather' on CPU"
+            )
+        _moe_router_without_te()
+    if m.is_moe:
+        spec = get_gpt_decoder_block_spec(
+            tconfig, use_transformer_engine=te, normalization=m.normalization
+        )
+    elif te:
+        spec = get_gpt_layer_with_transformer_engine_spec(qk_layernorm=m.qk_layernorm)
+    else:
+        spec = get_gpt_layer_local_spec(qk_layernorm=m.qk_layernorm, normalization=m.normalization)
+    padded = padded_vocab_size(vocab_size, config)
+    module = GPTModel(
+        config=tconfig,
+        transformer_layer_spec=spec,
+        vocab_size=padded,
+        max_sequence_length=m.max_position_embeddings or config.seq_length,
+        pre_process=parallel_state.is_pipeline_first_stage(),
+        post_process=parallel_state.is_pipeline_last_stage(),
+        share_embeddings_and_output_weights=not m.untie_embeddings_and_output_weights,
+        position_embedding_type=m.position_embedding_type,
+        rotary_base=m.rotary_base,
+    )
+    if not cpu_compat.is_active():
+        module = module.cuda(torch.cuda.current_device())
+    return BuiltModel(module, tconfig, padded, te)
+
+
+def count_parameters(module: torch.nn.Module) -> int:
+    """This rank's share of the model's parameters: summed over the model-parallel group, each
+    parameter counts once (TP-replicated norms on TP rank 0, a tied output layer once)."""
+    return sum(
+        p.numel()
+        for p in module.parameters()
+        if param_is_not_shared(p) and param_is_not_tensor_parallel_duplicate(p)
+    )

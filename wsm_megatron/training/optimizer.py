@@ -1,0 +1,105 @@
+"""Megatron DDP and the Megatron optimizer around a model chunk, on GPU and on CPU.
+
+Both paths use Megatron-Core's ``DistributedDataParallel`` (contiguous gradient buffers,
+data-parallel reduction in ``finalize_model_grads``) and ``get_megatron_optimizer`` (AdamW, no
+weight decay on biases and norms, gradient clipping by the global norm across tensor, pipeline and
+data-parallel ranks with replicated parameters counted once). They differ only where the CPU has no
+equivalent:
+
+- GPU: bf16 weights with fp32 main weights (``Float16Module``), the distributed optimizer
+  (optimizer state sharded over data-parallel ranks), gradient reduction and parameter all-gather
+  overlapped with compute (``parallel.*`` settings);
+- CPU: fp32 weights and Megatron's ``FP32Optimizer`` (the same AdamW, state replicated on each
+  data-parallel rank), no overlap. Megatron's distributed and mixed-precision optimizers check for
+  ``torch.cuda`` tensor types and cannot run on CPU; numerically the fp32 CPU path is what
+  ``--use-distributed-optimizer`` computes in fp32.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+
+import torch
+from megatron.core.distributed import (
+    DistributedDataParallel,
+    DistributedDataParallelConfig,
+    finalize_model_grads,
+)
+from megatron.core.optimizer import MegatronOptimizer, OptimizerConfig, get_megatron_optimizer
+from megatron.core.transformer.module import Float16Module
+
+from wsm_megatron.runtime import cpu_compat
+from wsm_megatron.training.config import WSMConfig
+from wsm_megatron.training.model import BuiltModel, mixed_precision
+
+
+@dataclass(frozen=True)
+class TrainState:
+    """The wrapped model and its optimizer; ``model`` is the list Megatron's schedules take."""
+
+    model: list[DistributedDataParallel]
+    optimizer: MegatronOptimizer
+    distributed_optimizer: bool
+    overlap_param_gather: bool
+
+
+def setup_model_and_optimizer(built: BuiltModel, config: WSMConfig) -> TrainState:
+    """Wrap ``built`` in (Float16Module and) Megatron DDP and create the Megatron optimizer."""
+    gpu = not cpu_compat.is_active()
+    p, t = config.parallel, config.train
+    bf16 = mixed_precision(config)
+    distributed = gpu and p.use_distributed_optimizer
+    overlap_param_gather = distributed and p.overlap_param_gather
+    module: torch.nn.Module = built.module
+    if bf16:
+        module = Float16Module(built.config, module)
+    ddp_config = DistributedDataParallelConfig(
+        grad_reduce_in_fp32=True,
+        overlap_grad_reduce=gpu and p.overlap_grad_reduce,
+        overlap_param_gather=overlap_param_gather,
+        use_distributed_optimizer=distributed,
+        check_for_nan_in_grad=True,
+    )
+    ddp = DistributedDataParallel(built.config, ddp_config, module)
+    optimizer = get_megatron_optimizer(
+        OptimizerConfig(
+            optimizer="adam",
+            lr=t.lr,
+            min_lr=t.min_lr,
+            weight_decay=t.weight_decay,
+            adam_beta1=t.adam_beta1,
+            adam_beta2=t.adam_beta2,
+            adam_eps=t.adam_eps,
+            clip_grad=t.clip_grad,
+            bf16=bf16,
+            params_dtype=torch.bfloat16 if bf16 else torch.float32,
+            use_distributed_optimizer=distributed,
+        ),
+        [ddp],
+    )
+    tconfig = built.config
+    tconfig.finalize_model_grads_func = finalize_model_grads
+    tconfig.grad_scale_func = optimizer.scale_loss
+    if ddp_config.overlap_grad_reduce:
+        tconfig.no_sync_func = ddp.no_sync
+    return TrainState([ddp], optimizer, distributed, overlap_param_gather)
+
+
+@contextmanager
+def params_synced(state: TrainState) -> Iterator[None]:
+    """Parameters gathered and the all-gather pre-hooks off (evaluation, saving) on GPU.
+
+    With the distributed optimizer's overlapped parameter all-gather, the forward pass gathers
+    updated parameters lazily; whatever reads the weights outside a training step needs them
+    gathered first (as Megatron-LM does around evaluation and checkpointing).
+    """
+    if not state.overlap_param_gather:
+        yield
+        return
+    state.model[0].disable_forward_pre_hook()
+    try:
+        yield
+    finally:
+        state.model[0].enable_forward_pre_hook()

@@ -1,0 +1,280 @@
+"""The WSM pre-training loop on Megatron-Core, and evaluation of saved or merged checkpoints.
+
+:func:`pretrain` runs inside a launched process (torchrun, SLURM's srun, or a test's
+``run_distributed``): it starts the distributed runtime, builds data, model, optimizer and LR
+schedule, resumes from the newest checkpoint if there is one, trains with Megatron's pipeline
+schedules, logs, evaluates, checkpoints on the configured interval and prunes what the merge
+window no longer needs. :func:`evaluate_checkpoints` loads checkpoints weights-only (a merged
+checkpoint has nothing else) at the training layout and reports their validation loss.
+"""
+
+from __future__ import annotations
+
+import random
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from megatron.core import parallel_state, tensor_parallel
+from megatron.core.transformer.module import Float16Module
+
+from wsm_megatron.data import (
+    build_datasets,
+    build_tokenizer,
+    build_train_iterator,
+    build_valid_iterator,
+)
+from wsm_megatron.data.datasets import DataSplits
+from wsm_megatron.runtime import ParallelConfig, Runtime, init_distributed
+from wsm_megatron.training.checkpointing import Checkpointer, Progress, load_model_only
+from wsm_megatron.training.config import WSMConfig, resolve_corpus
+from wsm_megatron.training.evaluate import ValidBatches, evaluate
+from wsm_megatron.training.loggers import MetricsLogger, console_line
+from wsm_megatron.training.metrics import flops_per_iteration, memory_gb
+from wsm_megatron.training.model import BuiltModel, build_model, count_parameters, mixed_precision
+from wsm_megatron.training.optimizer import TrainState, params_synced, setup_model_and_optimizer
+from wsm_megatron.training.schedules import build_scheduler
+from wsm_megatron.training.steps import Batch, global_mean, run_microbatches
+
+
+@dataclass
+class TrainResult:
+    """What a finished :func:`pretrain` leaves (the same on every rank, except ``state``)."""
+
+    progress: Progress
+    losses: dict[int, float] = field(default_factory=dict)
+    """Training loss of every iteration this process ran."""
+    val_losses: dict[int, float] = field(default_factory=dict)
+    lrs: dict[int, float] = field(default_factory=dict)
+    """The LR each iteration applied."""
+    resumed_from: int | None = None
+    state: TrainState | None = None
+
+
+@dataclass
+class _Session:
+    config: WSMConfig
+    runtime: Runtime
+    built: BuiltModel
+    vocab_size: int
+    data: DataSplits
+    num_microbatches: int
+    dp_rank: int
+    dp_size: int
+
+    def valid_batches(self) -> ValidBatches:
+        t = self.config.train
+
+        def fresh() -> Iterator[Batch]:
+            return build_valid_iterator(
+                self.data.valid,
+                global_batch_size=t.global_batch_size,
+                micro_batch_size=t.micro_batch_size,
+                dp_rank=self.dp_rank,
+                dp_size=self.dp_size,
+                num_batches=t.eval_iters,
+            )
+
+        return fresh
+
+
+def _set_random_seed(seed: int) -> None:
+    """Megatron-LM's seeding: one seed per pipeline stage; TP ranks fork the tracker's states."""
+    seed = seed + 100 * parallel_state.get_pipeline_model_parallel_rank()
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+    tensor_parallel.model_parallel_cuda_manual_seed(seed)
+
+
+def _start(config: WSMConfig, *, need_train: bool) -> _Session:
+    p, t = config.parallel, config.train
+    runtime = init_distributed(
+        ParallelConfig(
+            tensor_model_parallel_size=p.tensor_model_parallel_size,
+            pipeline_model_parallel_size=p.pipeline_model_parallel_size,
+            expert_model_parallel_size=p.expert_model_parallel_size,
+        )
+    )
+    dp = runtime.data_parallel_size
+    if t.global_batch_size % (t.micro_batch_size * dp):
+        raise ValueError(
+            f"train.global_batch_size: {t.global_batch_size} is not a multiple of "
+            f"micro_batch_size x data-parallel size ({t.micro_batch_size} x {dp})"
+        )
+    _set_random_seed(t.seed)
+    config = resolve_corpus(config, progress=runtime.is_main)
+    tokenizer = build_tokenizer(config.data.tokenizer_model)
+    built = build_model(config, tokenizer.vocab_size)
+    data = build_datasets(
+        config.data,
+        tokenizer,
+        global_batch_size=t.global_batch_size,
+        train_samples=(t.train_iters if need_train else 1) * t.global_batch_size,
+        valid_samples=t.eval_iters * t.global_batch_size,
+    )
+    return _Session(
+        config=config,
+        runtime=runtime,
+        built=built,
+        vocab_size=tokenizer.vocab_size,
+        data=data,
+        num_microbatches=t.global_batch_size // (t.micro_batch_size * dp),
+        dp_rank=parallel_state.get_data_parallel_rank(),
+        dp_size=dp,
+    )
+
+
+def _describe(session: _Session, state: TrainState) -> str:
+    c, rt, b = session.config, session.runtime, session.built
+    params = torch.tensor([count_parameters(b.module)], dtype=torch.float64, device=rt.device)
+    torch.distributed.all_reduce(params, group=parallel_state.get_model_parallel_group())
+    spec = "Transformer Engine" if b.transformer_engine else "local"
+    precision = "bf16" if mixed_precision(c) else "fp32"
+    optimizer = "distributed optimizer" if state.distributed_optimizer else "FP32Optimizer"
+    return (
+        f"WSM pre-training: {c.model.num_layers} layers, hidden {c.model.hidden_size}, "
+        f"{'MoE ' + str(c.model.num_experts) + ' experts, ' if c.model.is_moe else ''}"
+        f"{params.item() / 1e6:.2f}M parameters (model-parallel total), vocab "
+        f"{session.vocab_size} (padded {b.vocab_size}), seq {c.seq_length}\n"
+        f"  {rt.world_size} ranks on {rt.device.type} ({rt.backend}): TP "
+        f"{c.parallel.tensor_model_parallel_size} x PP {c.parallel.pipeline_model_parallel_size}"
+        f" x DP {session.dp_size}; {spec} layers, {precision}, Megatron DDP + {optimizer}\n"
+        f"  {c.train.train_iters} iterations x {c.train.global_batch_size} sequences "
+        f"({session.num_microbatches} microbatch(es) of {c.train.micro_batch_size} per rank), "
+        f"LR schedule {c.train.lr_schedule} (peak {c.train.lr:g}, warmup "
+        f"{c.train.lr_warmup_iters})"
+    )
+
+
+def pretrain(config: WSMConfig) -> TrainResult:
+    """Train (or resume training) as ``config`` says; returns the progress and losses."""
+    session = _start(config, need_train=True)
+    config, t = session.config, session.config.train
+    state = setup_model_and_optimizer(session.built, config)
+    scheduler = build_scheduler(state.optimizer, t)
+    checkpointer = Checkpointer(
+        config,
+        state,
+        scheduler,
+        vocab_size=session.vocab_size,
+        padded_vocab_size=session.built.vocab_size,
+    )
+    logger = MetricsLogger(config, is_main=session.runtime.is_main)
+    logger.print(_describe(session, state))
+    progress = checkpointer.load() or Progress()
+    result = TrainResult(progress=progress, state=state)
+    if progress.iteration:
+        result.resumed_from = progress.iteration
+        logger.print(
+            f"  resumed from {config.checkpoint.load_dir} at iteration {progress.iteration} "
+            f"({progress.consumed_train_samples} samples consumed)"
+        )
+    train_batches = build_train_iterator(
+        session.data.train,
+        session.data.anneal,
+        global_batch_size=t.global_batch_size,
+        micro_batch_size=t.micro_batch_size,
+        dp_rank=session.dp_rank,
+        dp_size=session.dp_size,
+        consumed_samples=progress.consumed_train_samples,
+        anneal_start_sample=config.data.anneal_start_sample(t.global_batch_size),
+    )
+    flops = flops_per_iteration(config, session.built.vocab_size)
+    world = session.runtime.world_size
+    window_start, window_iters = time.perf_counter(), 0
+    while progress.iteration < t.train_iters:
+        for chunk in state.model:
+            chunk.zero_grad_buffer()
+        state.optimizer.zero_grad()
+        lr = state.optimizer.param_groups[0]["lr"]
+        loss = run_microbatches(
+            state.model,
+            train_batches,
+            num_microbatches=session.num_microbatches,
+            seq_length=config.seq_length,
+            micro_batch_size=t.micro_batch_size,
+            forward_only=False,
+        )
+        updated, grad_norm, _ = state.optimizer.step()
+        if updated:
+            scheduler.step(increment=t.global_batch_size)
+        progress.iteration += 1
+        progress.consumed_train_samples += t.global_batch_size
+        progress.floating_point_operations += flops
+        it = progress.iteration
+        result.losses[it] = global_mean(loss)
+        result.lrs[it] = lr
+        window_iters += 1
+        checkpointer.finalize(blocking=False)
+
+        if it % config.logging.log_interval == 0 or it == t.train_iters:
+            elapsed = time.perf_counter() - window_start
+            seconds = elapsed / window_iters
+            window = [result.losses[i] for i in range(it - window_iters + 1, it + 1)]
+            metrics = {
+                "loss": sum(window) / len(window),
+                "lr": lr,
+                "grad_norm": float("nan") if grad_norm is None else float(grad_norm),
+                "consumed_samples": progress.consumed_train_samples,
+                "tokens": progress.consumed_train_samples * config.seq_length,
+                "iter_per_s": 1.0 / seconds,
+                "tokens_per_s": config.tokens_per_iteration / seconds,
+                "tflops_per_gpu": flops / seconds / world / 1e12,
+                "skipped": not updated,
+                **memory_gb(),
+            }
+            logger.print(console_line(it, t.train_iters, metrics, (t.train_iters - it) * seconds))
+            logger.log("train", it, metrics)
+            window_start, window_iters = time.perf_counter(), 0
+
+        if t.eval_interval and (it % t.eval_interval == 0 or it == t.train_iters):
+            start = time.perf_counter()
+            with params_synced(state):
+                val = evaluate(
+                    state.model, session.valid_batches(), config, session.num_microbatches
+                )
+            result.val_losses[it] = val
+            logger.print(f"  validation loss at iteration {it}: {val:.4f}")
+            logger.log("valid", it, {"loss": val, "tokens": it * config.tokens_per_iteration})
+            window_start += time.perf_counter() - start  # not training throughput
+
+        last = it == t.train_iters
+        if checkpointer.due(progress, t.global_batch_size) or (
+            last and config.checkpoint.save and checkpointer.last_saved != it
+        ):
+            start = time.perf_counter()
+            checkpointer.save(progress)
+            logger.print(
+                f"  saved checkpoint iteration {it} to {config.checkpoint.save} "
+                f"({time.perf_counter() - start:.1f} s"
+                f"{', writing asynchronously' if checkpointer.async_save else ''})"
+            )
+            window_start += time.perf_counter() - start
+
+    checkpointer.finalize(blocking=True)
+    logger.close()
+    return result
+
+
+def evaluate_checkpoints(config: WSMConfig, paths: list[str]) -> dict[str, dict[str, float]]:
+    """Validation loss of each checkpoint (root or ``iter_*`` dir), weights only, in order."""
+    session = _start(config, need_train=False)
+    config = session.config
+    module: torch.nn.Module = session.built.module
+    if mixed_precision(config):
+        module = Float16Module(session.built.config, module)
+    model = [module]
+    logger = MetricsLogger(config, is_main=session.runtime.is_main, job_type="eval")
+    results = {}
+    for path in paths:
+        iteration = load_model_only(model, path)
+        loss = evaluate(model, session.valid_batches(), config, session.num_microbatches)
+        results[path] = {"iteration": iteration, "val_loss": loss}
+        logger.print(f"{path} (iteration {iteration}): validation loss {loss:.4f}")
+        logger.log("eval", iteration, {"loss": loss, "checkpoint": str(Path(path))})
+    logger.close()
+    return results
