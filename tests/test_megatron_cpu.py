@@ -1,4 +1,4 @@
-"""Megatron-Core on CPU over gloo: a TP=2, PP=2 GPTModel trains a step and round-trips a checkpoint."""
+"""Megatron-Core on CPU over gloo: TP=2, PP=2 GPTModel trains a step, round-trips a checkpoint."""
 
 import os
 
@@ -55,12 +55,12 @@ def _train_step_and_checkpoint(path):
     dist_checkpointing.save(model.sharded_state_dict(), path)
     fresh = tiny_gpt(seed=99)
     differs_before = any(
-        not torch.equal(a, b) for a, b in zip(model.parameters(), fresh.parameters())
+        not torch.equal(a, b) for a, b in zip(model.parameters(), fresh.parameters(), strict=True)
     )
     fresh.load_state_dict(dist_checkpointing.load(fresh.sharded_state_dict(), path))
     equal_after = all(
         torch.equal(a, b)
-        for a, b in zip(model.state_dict().values(), fresh.state_dict().values())
+        for a, b in zip(model.state_dict().values(), fresh.state_dict().values(), strict=True)
         if isinstance(a, torch.Tensor)
     )
     return {

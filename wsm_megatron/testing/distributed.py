@@ -62,6 +62,26 @@ def _worker(
             destroy_distributed()
 
 
+def _kill_stragglers(procs: list[Any]) -> None:
+    """Kill ranks still alive and whatever they started (checkpoint writers hold pipes open)."""
+    import psutil
+
+    for proc in procs:
+        if not proc.is_alive():
+            continue
+        try:
+            children = psutil.Process(proc.pid).children(recursive=True)
+        except psutil.NoSuchProcess:
+            children = []
+        proc.kill()
+        proc.join()
+        for child in children:
+            try:
+                child.kill()
+            except psutil.NoSuchProcess:
+                pass
+
+
 def run_distributed(
     fn: Callable[..., Any],
     world_size: int,
@@ -105,8 +125,5 @@ def run_distributed(
         for proc in procs:
             proc.join(timeout=60)
     finally:
-        for proc in procs:
-            if proc.is_alive():
-                proc.kill()
-                proc.join()
+        _kill_stragglers(procs)
     return [values[rank] for rank in range(world_size)]
