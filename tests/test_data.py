@@ -72,11 +72,20 @@ def test_tokenizer_round_trips_any_text(corpus, tokenizer, tmp_path):
     assert all(0 <= i < tokenizer.vocab_size for i in ids)
     assert tokenizer.vocab_size <= VOCAB and tokenizer.eod == 2
 
-    # Deterministic: the same documents and seed give a byte-identical model.
+    # Deterministic: the same documents and seed give a byte-identical model, also in another
+    # process (SentencePiece's own sampling is not) and when lines are sampled (max_sentences).
     docs = [p.read_text(encoding="utf-8") for p in train_files[:8]]
-    a = train_tokenizer(docs, tmp_path / "a", 400)
-    b = train_tokenizer(docs, tmp_path / "b", 400)
-    assert a.read_bytes() == b.read_bytes()
+    a = train_tokenizer(docs, tmp_path / "a", 400, max_sentences=500)
+    script = (
+        "import sys; from pathlib import Path; from wsm_megatron.data import train_tokenizer; "
+        "docs = [Path(p).read_text(encoding='utf-8') for p in sys.argv[2:]]; "
+        "train_tokenizer(docs, sys.argv[1], 400, max_sentences=500)"
+    )
+    subprocess.run(
+        [sys.executable, "-c", script, str(tmp_path / "b"), *map(str, train_files[:8])],
+        check=True,
+    )
+    assert a.read_bytes() == (tmp_path / "b.model").read_bytes()
     assert sorted(os.listdir(tmp_path)) == ["a.model", "b.model"]  # no temporary files left
 
 

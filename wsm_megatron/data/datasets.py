@@ -256,29 +256,9 @@ class TrainBatches(Iterator[dict[str, torch.Tensor]]):
         return {key: torch.stack([sample[key] for sample in samples]) for key in BATCH_KEYS}
 
 
-def build_train_iterator(
-    train_ds: Dataset | None,
-    anneal_ds: Dataset | None,
-    *,
-    global_batch_size: int,
-    micro_batch_size: int,
-    dp_rank: int,
-    dp_size: int,
-    consumed_samples: int = 0,
-    anneal_start_sample: int | None = None,
-) -> TrainBatches:
-    """The training microbatch iterator (:class:`TrainBatches`); resuming at
-    ``consumed_samples`` continues the uninterrupted stream exactly."""
-    return TrainBatches(
-        train_ds,
-        anneal_ds,
-        global_batch_size=global_batch_size,
-        micro_batch_size=micro_batch_size,
-        dp_rank=dp_rank,
-        dp_size=dp_size,
-        consumed_samples=consumed_samples,
-        anneal_start_sample=anneal_start_sample,
-    )
+build_train_iterator = TrainBatches
+"""The training microbatch iterator; resuming at ``consumed_samples`` continues the
+uninterrupted stream exactly (an alias of :class:`TrainBatches`)."""
 
 
 def build_valid_iterator(

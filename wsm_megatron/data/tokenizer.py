@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import os
+import random
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 
@@ -70,19 +71,19 @@ def train_tokenizer(
         )
     model_path = Path(f"{model_prefix}.model")
     model_path.parent.mkdir(parents=True, exist_ok=True)
-    sentences = _lines(documents)
-    first = next(sentences, None)
-    if first is None:
+    sentences = list(_lines(documents))
+    if not sentences:
         raise ValueError("train_tokenizer: the input has no non-blank text")
-
-    def all_sentences() -> Iterator[str]:
-        yield first
-        yield from sentences
+    if len(sentences) > max_sentences:
+        # Sample here, in input order: SentencePiece's own sampling and shuffling differ from one
+        # process to the next even with a fixed seed, which made tokenizers irreproducible.
+        keep = sorted(random.Random(seed).sample(range(len(sentences)), max_sentences))
+        sentences = [sentences[i] for i in keep]
 
     model = io.BytesIO()  # in memory: a file prefix would be recorded in the model
     spm.set_random_generator_seed(seed)
     spm.SentencePieceTrainer.train(
-        sentence_iterator=all_sentences(),
+        sentence_iterator=iter(sentences),
         model_writer=model,
         model_type=model_type,
         vocab_size=vocab_size,
@@ -100,8 +101,8 @@ def train_tokenizer(
         eos_id=2,
         pad_id=-1,
         max_sentence_length=16384,
-        input_sentence_size=max_sentences,
-        shuffle_input_sentence=True,
+        input_sentence_size=0,
+        shuffle_input_sentence=False,
         num_threads=num_threads,
         minloglevel=2,
     )
