@@ -10,7 +10,11 @@ setup(
     long_description=open("README.md", encoding="utf-8").read(),
     long_description_content_type="text/markdown",
     python_requires=">=3.10",
-    packages=find_packages(include=["wsm_megatron", "wsm_megatron.*"]),
+    # configs/ ships inside the package as wsm_megatron.configs, so wsm-demo finds tiny-cpu.yaml
+    # in any install, not only in a source checkout.
+    packages=[*find_packages(include=["wsm_megatron", "wsm_megatron.*"]), "wsm_megatron.configs"],
+    package_dir={"wsm_megatron.configs": "configs"},
+    package_data={"wsm_megatron.configs": ["*.yaml"]},
     install_requires=[
         "torch>=2.6",
         "megatron-core>=0.16.1,<1",

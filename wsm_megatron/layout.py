@@ -1,6 +1,6 @@
 """Megatron-LM's checkpoint directory layout: ``ROOT/iter_0000100/`` and the tracker file.
 
-``ROOT/latest_checkpointed_iteration.txt`` holds the newest complete iteration (or ``release``).
+``ROOT/latest_checkpointed_iteration.txt`` holds the newest complete iteration.
 A ``torch_dist`` iteration directory holds ``.metadata`` (written last by DCP), ``__R_I.distcp``
 shard files, ``common.pt`` and ``metadata.json``.
 """
@@ -22,6 +22,12 @@ def iteration_dirname(iteration: int) -> str:
     return f"iter_{iteration:07d}"
 
 
+def parse_iteration_dirname(name: str) -> int | None:
+    """The iteration of an ``iter_0000100``-style directory name; None for any other name."""
+    match = _ITER_RE.match(name)
+    return int(match.group(1)) if match else None
+
+
 def iteration_dir(root: str | os.PathLike[str], iteration: int) -> Path:
     """The directory of ``iteration`` under checkpoint root ``root``."""
     return Path(root) / iteration_dirname(iteration)
@@ -32,8 +38,8 @@ def list_iterations(root: str | os.PathLike[str]) -> list[int]:
     root = Path(root)
     if not root.is_dir():
         return []
-    found = (_ITER_RE.match(entry.name) for entry in root.iterdir() if entry.is_dir())
-    return sorted(int(m.group(1)) for m in found if m)
+    found = (parse_iteration_dirname(entry.name) for entry in root.iterdir() if entry.is_dir())
+    return sorted(it for it in found if it is not None)
 
 
 def read_tracker(root: str | os.PathLike[str]) -> int | None:

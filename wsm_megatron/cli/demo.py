@@ -16,6 +16,7 @@ can be repeated by hand.
 from __future__ import annotations
 
 import argparse
+import importlib.resources
 import json
 import os
 import subprocess
@@ -26,8 +27,17 @@ from pathlib import Path
 from typing import Any
 
 PROG = "wsm-demo"
-CONFIG = Path(__file__).resolve().parents[2] / "configs" / "tiny-cpu.yaml"
-OUTPUTS = ("checkpoints", "merged", "metrics.jsonl", "eval.json", "results.json", "loss.png")
+CONFIG = Path(str(importlib.resources.files("wsm_megatron.configs") / "tiny-cpu.yaml"))
+OUTPUTS = (
+    "checkpoints",
+    "merged",
+    "metrics.jsonl",
+    "eval.json",
+    "merge-report.json",
+    "wandb",
+    "results.json",
+    "loss.png",
+)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -202,11 +212,15 @@ def _demo(args: argparse.Namespace, config: Any, out: Path, overrides: list[str]
     resolve_corpus(config)
     timings["corpus_s"] = time.perf_counter() - start
 
-    t = config.train
+    t, c = config.train, config.checkpoint
+    interval = (
+        f"{c.save_interval} iterations"
+        if c.save_interval is not None
+        else f"{c.save_interval_tokens} tokens"
+    )
     print(
         f"[2/4] training {args.config} on {nproc} CPU processes: {t.train_iters} iterations at "
-        f"constant LR {t.lr:g} after {t.lr_warmup_iters} warmup, a checkpoint every "
-        f"{config.checkpoint.save_interval} iterations",
+        f"constant LR {t.lr:g} after {t.lr_warmup_iters} warmup, a checkpoint every {interval}",
         flush=True,
     )
     step = time.perf_counter()

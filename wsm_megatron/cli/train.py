@@ -25,6 +25,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 PROG = "wsm-train"
+_PACKAGE_DIR = Path(__file__).resolve().parents[1]
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -81,8 +82,22 @@ def _quiet_imports() -> None:
     logging.getLogger("megatron.core.rerun_state_machine").setLevel(logging.ERROR)
 
 
+def _raised_by_us(err: BaseException) -> bool:
+    """Whether ``err`` was raised by wsm_megatron's own checks (a user error) rather than inside
+    torch or Megatron (a bug, which keeps its traceback)."""
+    tb = err.__traceback__
+    while tb is not None and tb.tb_next is not None:
+        tb = tb.tb_next
+    return tb is not None and Path(tb.tb_frame.f_code.co_filename).resolve().is_relative_to(
+        _PACKAGE_DIR
+    )
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.eval_output and not args.evaluate:
+        parser.error("--eval-output needs --evaluate")
     _quiet_imports()
     from wsm_megatron.training.config import ConfigError, dump_config, load_config
 
@@ -109,6 +124,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         else:
             pretrain(config)
     except ValueError as err:
+        if not _raised_by_us(err):
+            raise
         if is_main:
             print(f"{PROG}: error: {err}", file=sys.stderr)
             if "world size" in str(err):

@@ -186,7 +186,8 @@ def install() -> bool:
 
     for module_name in _CUDA_LITERAL_MODULES:
         module = importlib.import_module(module_name)
-        assert module.torch is torch, f"{module_name} does not use torch as expected"
+        if module.torch is not torch:
+            raise RuntimeError(f"{module_name} does not use torch as expected by cpu_compat")
         module.torch = _CpuTorch()
 
     _INSTALLED = True

@@ -222,6 +222,8 @@ def init_distributed(
     launch = detect_launch_env(env)
     dp = parallel.data_parallel_size(launch.world_size)
     use_cuda = torch.cuda.is_available() and backend != "gloo"
+    if backend == "gloo" and megatron and torch.cuda.is_available():
+        raise ValueError("backend 'gloo' on a GPU machine is for megatron=False (CPU-side work)")
     if backend == "nccl" and not use_cuda:
         raise ValueError("backend 'nccl' needs CUDA, and no GPU is visible")
 

@@ -40,12 +40,17 @@ from megatron.core.dist_checkpointing.validation import StrictHandling
 from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
 from megatron.core.utils import unwrap_model
 
-from wsm_megatron.layout import iteration_dir, read_tracker, write_tracker
+from wsm_megatron.layout import (
+    iteration_dir,
+    parse_iteration_dirname,
+    read_tracker,
+    write_tracker,
+)
 from wsm_megatron.runtime import cpu_compat
 from wsm_megatron.training.config import WSMConfig
 from wsm_megatron.training.optimizer import TrainState, params_synced
 from wsm_megatron.training.retention import prune_checkpoints
-from wsm_megatron.training.schedules import _MEGATRON_STYLE
+from wsm_megatron.training.schedules import MEGATRON_DECAY_STYLE
 
 CHECKPOINT_VERSION = 3.0
 
@@ -65,8 +70,9 @@ def resolve_checkpoint(path: str | Path) -> tuple[Path, int]:
     tracker = read_tracker(path)
     if tracker is not None:
         return iteration_dir(path, tracker), tracker
-    if path.name.startswith("iter_") and (path / "metadata.json").is_file():
-        return path, int(path.name[len("iter_") :])
+    iteration = parse_iteration_dirname(path.name)
+    if iteration is not None and (path / "metadata.json").is_file():
+        return path, iteration
     raise ValueError(
         f"{str(path)!r} is neither a checkpoint root with latest_checkpointed_iteration.txt "
         "nor a complete iter_XXXXXXX directory"
@@ -135,7 +141,7 @@ def checkpoint_args(
         train_iters=t.train_iters,
         lr=t.lr,
         min_lr=t.min_lr,
-        lr_decay_style=_MEGATRON_STYLE[t.lr_schedule],
+        lr_decay_style=MEGATRON_DECAY_STYLE[t.lr_schedule],
         lr_warmup_iters=t.lr_warmup_iters,
         lr_warmup_init=t.lr_warmup_init,
         lr_decay_iters=t.decay_iters,

@@ -166,10 +166,6 @@ class ParallelismConfig:
             raise ConfigError("parallel.sequence_parallel: needs tensor_model_parallel_size > 1")
 
 
-LR_SCHEDULES = ("wsm", "wsd", "cosine", "linear")
-WSD_DECAY_STYLES = ("exponential", "linear", "cosine", "minus_sqrt")
-
-
 @dataclass
 class TrainConfig:
     """Iterations, batch sizes, AdamW, the LR schedule, precision and evaluation cadence.
@@ -630,7 +626,8 @@ def apply_overrides(raw: dict[str, Any], overrides: Iterable[str]) -> dict[str, 
         try:
             value = yaml.safe_load(text) if text.strip() else None
         except yaml.YAMLError as err:
-            raise ConfigError(f"{key}: cannot parse value {text!r}: {err}") from None
+            problem = getattr(err, "problem", None) or str(err).splitlines()[0]
+            raise ConfigError(f"{key}: cannot parse value {text!r}: {problem}") from None
         node = raw
         for i, part in enumerate(parts[:-1]):
             child = node.setdefault(part, {})

@@ -22,7 +22,8 @@ from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
 
 from wsm_megatron.training.config import TrainConfig
 
-_MEGATRON_STYLE = {"wsm": "constant", "wsd": "WSD", "cosine": "cosine", "linear": "linear"}
+MEGATRON_DECAY_STYLE = {"wsm": "constant", "wsd": "WSD", "cosine": "cosine", "linear": "linear"}
+"""Our ``train.lr_schedule`` name -> Megatron's ``lr_decay_style`` (also saved in the args)."""
 
 
 def build_scheduler(optimizer: Any, train: TrainConfig) -> OptimizerParamScheduler:
@@ -36,7 +37,7 @@ def build_scheduler(optimizer: Any, train: TrainConfig) -> OptimizerParamSchedul
         min_lr=train.min_lr,
         lr_warmup_steps=train.lr_warmup_iters * gbs,
         lr_decay_steps=train.decay_iters * gbs,
-        lr_decay_style=_MEGATRON_STYLE[train.lr_schedule],
+        lr_decay_style=MEGATRON_DECAY_STYLE[train.lr_schedule],
         start_wd=train.weight_decay,
         end_wd=train.weight_decay,
         wd_incr_steps=train.train_iters * gbs,

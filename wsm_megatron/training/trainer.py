@@ -29,7 +29,12 @@ from wsm_megatron.data import (
 )
 from wsm_megatron.data.datasets import DataSplits
 from wsm_megatron.runtime import ParallelConfig, Runtime, init_distributed
-from wsm_megatron.training.checkpointing import Checkpointer, Progress, load_model_only
+from wsm_megatron.training.checkpointing import (
+    Checkpointer,
+    Progress,
+    load_model_only,
+    resolve_checkpoint,
+)
 from wsm_megatron.training.config import WSMConfig, resolve_corpus
 from wsm_megatron.training.evaluate import ValidBatches, evaluate
 from wsm_megatron.training.loggers import MetricsLogger, console_line
@@ -262,6 +267,8 @@ def pretrain(config: WSMConfig) -> TrainResult:
 
 def evaluate_checkpoints(config: WSMConfig, paths: list[str]) -> dict[str, dict[str, float]]:
     """Validation loss of each checkpoint (root or ``iter_*`` dir), weights only, in order."""
+    for path in paths:  # a bad path fails before any start-up work
+        resolve_checkpoint(path)
     session = _start(config, need_train=False)
     config = session.config
     module: torch.nn.Module = session.built.module
@@ -270,11 +277,13 @@ def evaluate_checkpoints(config: WSMConfig, paths: list[str]) -> dict[str, dict[
     model = [module]
     logger = MetricsLogger(config, is_main=session.runtime.is_main, job_type="eval")
     results = {}
-    for path in paths:
-        iteration = load_model_only(model, path)
-        loss = evaluate(model, session.valid_batches(), config, session.num_microbatches)
-        results[path] = {"iteration": iteration, "val_loss": loss}
-        logger.print(f"{path} (iteration {iteration}): validation loss {loss:.4f}")
-        logger.log("eval", iteration, {"loss": loss, "checkpoint": str(Path(path))})
-    logger.close()
+    try:
+        for path in paths:
+            iteration = load_model_only(model, path)
+            loss = evaluate(model, session.valid_batches(), config, session.num_microbatches)
+            results[path] = {"iteration": iteration, "val_loss": loss}
+            logger.print(f"{path} (iteration {iteration}): validation loss {loss:.4f}")
+            logger.log("eval", iteration, {"loss": loss, "checkpoint": str(Path(path))})
+    finally:
+        logger.close()
     return results

@@ -1,0 +1,1 @@
+"""Bundled training configs, installed as the package ``wsm_megatron.configs``."""
