@@ -125,3 +125,36 @@ def test_flops_match_the_6nd_rule_for_a_dense_gpt():
     )
     # 11 MoE layers route to 8 x 256 + 256 = 2304 wide MLPs instead of the dense 2816.
     assert flops_per_iteration(moe, vocab) < flops_per_iteration(dense_equivalent, vocab)
+
+
+def test_cli_turns_only_our_own_value_errors_into_one_line(tmp_path, capsys):
+    from wsm_megatron.cli import train as cli
+    from wsm_megatron.layout import iteration_dirname
+
+    with pytest.raises(ValueError) as ours:
+        iteration_dirname(-1)
+    assert cli._raised_by_us(ours.value)
+    with pytest.raises(ValueError) as theirs:
+        int("not a number")
+    assert not cli._raised_by_us(theirs.value)
+
+    with pytest.raises(SystemExit) as exit_:
+        cli.main(["--config", str(TINY), "--eval-output", str(tmp_path / "e.json")])
+    assert exit_.value.code == 2
+    assert "--eval-output needs --evaluate" in capsys.readouterr().err
+    # A bad checkpoint path is reported before any start-up work.
+    assert cli.main(["--config", str(TINY), "--evaluate", str(tmp_path / "none")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == [
+        f"wsm-train: error: '{tmp_path / 'none'}' is neither a checkpoint root with "
+        "latest_checkpointed_iteration.txt nor a complete iter_XXXXXXX directory"
+    ]
+    assert not (tmp_path / "runs").exists()
+
+
+def test_iteration_dirnames_round_trip():
+    from wsm_megatron.layout import iteration_dirname, parse_iteration_dirname
+
+    assert parse_iteration_dirname(iteration_dirname(1234)) == 1234
+    assert parse_iteration_dirname("iter_foo") is None
+    assert parse_iteration_dirname("iter_123") is None  # Megatron pads to 7 digits
