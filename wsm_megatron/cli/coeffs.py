@@ -19,6 +19,7 @@ import tempfile
 from collections.abc import Sequence
 from typing import NoReturn
 
+from wsm_megatron.cli.arguments import comma_separated, number
 from wsm_megatron.theory import (
     ALIASES,
     SCHEDULES,
@@ -41,21 +42,7 @@ _FLAGS = {
 }
 
 
-def _number(text: str) -> int | float:
-    """Parse an int if possible (positions keep exact integers), else a float."""
-    try:
-        return int(text)
-    except ValueError:
-        return float(text)
-
-
-def _number_list(text: str) -> list[int | float]:
-    try:
-        return [_number(x) for x in text.split(",")]
-    except ValueError:
-        raise argparse.ArgumentTypeError(
-            f"expected comma-separated numbers, got {text!r}"
-        ) from None
+_number_list = comma_separated(number, "numbers")
 
 
 def build_parser() -> argparse.ArgumentParser:

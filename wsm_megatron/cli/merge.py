@@ -19,6 +19,7 @@ import sys
 import threading
 from collections.abc import Sequence
 
+from wsm_megatron.cli.arguments import comma_separated
 from wsm_megatron.merge.config import (
     ACCUMULATE_DTYPES,
     DEFAULT_MEMORY_BUDGET_MB,
@@ -34,22 +35,8 @@ from wsm_megatron.theory import ALIASES, SCHEDULES
 PROG = "wsm-merge"
 
 
-def _int_list(text: str) -> list[int]:
-    try:
-        return [int(x) for x in text.split(",") if x.strip()]
-    except ValueError:
-        raise argparse.ArgumentTypeError(
-            f"expected comma-separated integers, got {text!r}"
-        ) from None
-
-
-def _float_list(text: str) -> list[float]:
-    try:
-        return [float(x) for x in text.split(",") if x.strip()]
-    except ValueError:
-        raise argparse.ArgumentTypeError(
-            f"expected comma-separated numbers, got {text!r}"
-        ) from None
+_int_list = comma_separated(int, "integers")
+_float_list = comma_separated(float, "numbers")
 
 
 def _tokens(text: str) -> int:
