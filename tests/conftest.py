@@ -1,7 +1,18 @@
-"""Shared pytest set-up: the ``gpu`` marker skips cleanly on CPU-only machines."""
+"""Shared pytest set-up: the ``gpu`` marker skips cleanly on CPU-only machines, and a temporary
+directory shared by all xdist workers for expensive inputs built once under a file lock."""
+
+import os
+from pathlib import Path
 
 import pytest
 import torch
+
+
+@pytest.fixture(scope="session")
+def shared_tmp(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """This run's base temporary directory, the same for every xdist worker."""
+    base = tmp_path_factory.getbasetemp()
+    return base.parent if os.environ.get("PYTEST_XDIST_WORKER") else base
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:

@@ -33,11 +33,8 @@ KEY = "decoder.layers.mlp.linear_fc1.weight"  # bf16, stored in 4 chunks
 
 
 @pytest.fixture(scope="session")
-def ckpts(tmp_path_factory) -> Path:
-    base = tmp_path_factory.getbasetemp()
-    if os.environ.get("PYTEST_XDIST_WORKER"):
-        base = base.parent
-    return shared_megatron_checkpoints(base / "wsm-merge", ITERATIONS)
+def ckpts(shared_tmp) -> Path:
+    return shared_megatron_checkpoints(shared_tmp / "wsm-merge", ITERATIONS)
 
 
 @pytest.fixture

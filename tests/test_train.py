@@ -5,7 +5,6 @@ loads back for evaluation. A data-parallel MoE run saves on a token interval."""
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import numpy as np
@@ -35,11 +34,8 @@ SMALL = [  # tiny-cpu, smaller still: 4 layers of width 64 on 32-token sequences
 
 
 @pytest.fixture(scope="module")
-def corpus_dir(tmp_path_factory) -> str:
-    base = tmp_path_factory.getbasetemp()
-    if os.environ.get("PYTEST_XDIST_WORKER"):
-        base = base.parent  # one corpus for all workers (its build is locked and cached)
-    return str(base / "wsm-train-corpus")
+def corpus_dir(shared_tmp) -> str:
+    return str(shared_tmp / "wsm-train-corpus")  # one corpus for all workers (locked, cached)
 
 
 def _train(overrides: list[str]) -> dict:
