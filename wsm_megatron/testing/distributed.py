@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import multiprocessing as mp
 import os
+import pickle
 import queue
 import socket
 import traceback
@@ -49,7 +50,9 @@ def _worker(
         import torch
 
         torch.set_num_threads(1)
-        value = fn(*args)
+        # Pickled here with the plain pickler: a torch tensor put on the queue as it is would be
+        # shared through a file descriptor that dies with this process, before the parent reads it.
+        value = pickle.dumps(fn(*args))
         results.put((rank, True, value))
     except BaseException:  # report everything, including SystemExit, to the parent
         results.put((rank, False, traceback.format_exc()))
@@ -121,7 +124,7 @@ def run_distributed(
                 ) from None
             if not ok:
                 raise RuntimeError(f"{fn.__name__} failed on rank {rank}:\n{value}")
-            values[rank] = value
+            values[rank] = pickle.loads(value)
         for proc in procs:
             proc.join(timeout=60)
     finally:
