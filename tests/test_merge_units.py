@@ -32,7 +32,11 @@ from wsm_megatron.merge.writer import (
     publish,
     recover_output_root,
 )
-from wsm_megatron.testing.checkpoints import megatron_args, write_dcp_checkpoint
+from wsm_megatron.testing.checkpoints import (
+    load_dcp_tensors,
+    megatron_args,
+    write_dcp_checkpoint,
+)
 
 # --- configuration ----------------------------------------------------------------------------
 
@@ -170,6 +174,36 @@ def test_selection_errors(root, tmp_path):
     (iteration_dir(root, 700) / "common.pt").write_bytes(b"junk")
     with pytest.raises(MergeError, match="cannot read common.pt"):
         select_checkpoints(root, Selection(window_tokens=10**6))
+
+
+def test_common_state_embedded_as_newer_megatron_core_saves_it(tmp_path):
+    """megatron-core >= 0.17 keeps the common state inside the checkpoint, with no common.pt:
+    the merge reads it there (args give the tokens per iteration) and writes a common.pt that
+    megatron-core's own reader loads, without a stale embedded copy."""
+    from megatron.core import dist_checkpointing
+
+    from wsm_megatron.merge import merge
+    from wsm_megatron.merge.selection import EMBEDDED_COMMON_KEY
+
+    root, out = tmp_path / "in", tmp_path / "out"
+    args = megatron_args(seq_length=10, global_batch_size=5)
+    for it in (100, 200, 300):
+        tensors = {"w": torch.full((4,), float(it))}
+        write_dcp_checkpoint(root, it, tensors, args=args, embedded_common=True)
+        assert not (iteration_dir(root, it) / "common.pt").exists()
+    result = merge(MergeConfig(input=root, output=out, window_tokens=200 * 50, schedule="linear"))
+    assert [x["iteration"] for x in result.jobs[0].inputs] == [200, 300]  # 50 tokens/iteration
+    merged = iteration_dir(out, 300)
+    assert EMBEDDED_COMMON_KEY not in read_metadata(merged).state_dict_metadata
+    common = dist_checkpointing.load_common_state_dict(str(merged))
+    assert common["iteration"] == 300 and common["args"].seq_length == 10
+    assert common["wsm_merge"]["inputs"][0]["iteration"] == 200
+    assert torch.equal(load_dcp_tensors(merged)["w"], torch.full((4,), 250.0))
+
+    bare = write_dcp_checkpoint(root, 400, {"w": torch.zeros(4)})
+    (bare / "common.pt").unlink()
+    with pytest.raises(MergeError, match="iter_0000400: missing common.pt"):
+        merge(MergeConfig(input=root, output=tmp_path / "out2", last=2))
 
 
 # --- planning -------------------------------------------------------------------------------

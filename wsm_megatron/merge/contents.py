@@ -10,6 +10,10 @@ the newest input, which are left out, and the common (non-sharded) state.
   ``no_save_optim``/``no_save_rng``, as Megatron-LM's own model-only checkpoints do.
   ``keep_optimizer`` averages the optimizer's tensors (fp32 main weights and moments) with the
   same coefficients; ``keep_rng`` copies the run state from the newest input.
+- The common state (args, iteration, ...) is never a merged item: megatron-core >= 0.17 embeds
+  it as the object ``common_state``, <= 0.16 saves ``common.pt``. The output always gets a
+  ``common.pt`` (every version loads it; newer ones prefer it to an embedded copy), built from
+  the newest input's by :meth:`ContentPolicy.common_state`.
 """
 
 from __future__ import annotations
@@ -25,8 +29,9 @@ import torch
 
 from wsm_megatron.merge.errors import MergeError
 from wsm_megatron.merge.plan import AVERAGE, COPY, averageable
+from wsm_megatron.merge.selection import EMBEDDED_COMMON_KEY
 
-MODEL, OPTIMIZER, RUN_STATE = "model", "optimizer", "run_state"
+MODEL, OPTIMIZER, RUN_STATE, COMMON = "model", "optimizer", "run_state", "common"
 _OPTIMIZER_RE = re.compile(r"^(chained_\d+\.)?optimizer\.")
 _RUN_STATE_PREFIXES = ("rng_state", "rerun_state_machine_state")
 _OPTIMIZER_COMMON = ("optimizer", "opt_param_scheduler")
@@ -35,12 +40,15 @@ PROVENANCE_KEY = "wsm_merge"
 
 
 def key_group(fqn: str) -> str:
-    """``optimizer``, ``run_state`` (RNG, rerun machine) or ``model`` (everything else:
-    Megatron keys model tensors without a prefix)."""
+    """``optimizer``, ``run_state`` (RNG, rerun machine), ``common`` (the embedded common
+    state) or ``model`` (everything else: Megatron keys model tensors without a prefix)."""
     if _OPTIMIZER_RE.match(fqn):
         return OPTIMIZER
-    if fqn.split("/", 1)[0] in _RUN_STATE_PREFIXES:
+    prefix = fqn.split("/", 1)[0]
+    if prefix in _RUN_STATE_PREFIXES:
         return RUN_STATE
+    if fqn == EMBEDDED_COMMON_KEY:
+        return COMMON
     return MODEL
 
 

@@ -18,7 +18,7 @@ from wsm_megatron.merge.dcp_format import (
     read_metadata,
 )
 from wsm_megatron.merge.errors import MergeError
-from wsm_megatron.merge.selection import COMMON_FILENAME
+from wsm_megatron.merge.selection import COMMON_FILENAME, has_common_state
 
 CONFIG_FILENAME = "metadata.json"
 
@@ -39,7 +39,8 @@ class InputCheckpoint:
     @classmethod
     def open(cls, root: Path, iteration: int) -> InputCheckpoint:
         """Open and check ``root/iter_XXXXXXX``: ``metadata.json`` (torch_dist), ``.metadata``,
-        ``common.pt`` and every ``.distcp`` file at least as long as the items it holds."""
+        the common state (``common.pt`` or embedded) and every ``.distcp`` file at least as long
+        as the items it holds."""
         path = iteration_dir(root, iteration)
         if not path.is_dir():
             raise MergeError(f"checkpoint {path} does not exist")
@@ -58,9 +59,9 @@ class InputCheckpoint:
             raise MergeError(
                 f"checkpoint {path}: sharded backend {backend!r}; only torch_dist is supported"
             )
-        if not (path / COMMON_FILENAME).is_file():
-            raise MergeError(f"checkpoint {path}: missing {COMMON_FILENAME} (incomplete save)")
         metadata = read_metadata(path)
+        if not has_common_state(path, metadata):
+            raise MergeError(f"checkpoint {path}: missing {COMMON_FILENAME} (incomplete save)")
         ckpt = cls(iteration, path, metadata, config)
         ckpt._check_files()
         return ckpt

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -10,9 +11,13 @@ import torch
 
 from wsm_megatron.layout import iteration_dir, list_iterations, read_tracker
 from wsm_megatron.merge.config import Selection
+from wsm_megatron.merge.dcp_format import Metadata, MetadataIndex, read_metadata
 from wsm_megatron.merge.errors import MergeError
 
 COMMON_FILENAME = "common.pt"
+# megatron-core >= 0.17 stores the common state inside the torch_dist checkpoint instead, as the
+# ShardedObject "common_state" (global shape (1,), offset (0,)): one pickled ``[state]`` item.
+EMBEDDED_COMMON_KEY = "common_state/shard_0_1"
 
 
 @dataclass(frozen=True)
@@ -24,19 +29,41 @@ class Selected:
     tokens_per_iter: int | None
 
 
+def has_common_state(ckpt_dir: Path, metadata: Metadata) -> bool:
+    """Whether the checkpoint holds its common state, in ``common.pt`` or embedded."""
+    return (ckpt_dir / COMMON_FILENAME).is_file() or (
+        EMBEDDED_COMMON_KEY in metadata.state_dict_metadata
+    )
+
+
 def load_common_state(ckpt_dir: Path) -> dict[str, Any]:
-    """The non-sharded state Megatron saved in ``common.pt`` (args, iteration, ...)."""
+    """The non-sharded state Megatron saved (args, iteration, ...): ``common.pt``, or the
+    embedded ``common_state`` item of megatron-core >= 0.17 (read the same way by both)."""
     path = ckpt_dir / COMMON_FILENAME
-    if not path.is_file():
-        raise MergeError(
-            f"checkpoint {ckpt_dir}: missing {COMMON_FILENAME} (incomplete checkpoint)"
-        )
+    source = COMMON_FILENAME
     try:
-        state = torch.load(path, map_location="cpu", weights_only=False)
+        if path.is_file():
+            state = torch.load(path, map_location="cpu", weights_only=False)
+        else:
+            source = f"the embedded {EMBEDDED_COMMON_KEY!r}"
+            metadata = read_metadata(ckpt_dir)
+            if EMBEDDED_COMMON_KEY not in metadata.state_dict_metadata:
+                raise MergeError(
+                    f"checkpoint {ckpt_dir}: missing {COMMON_FILENAME} and no embedded common "
+                    "state (incomplete checkpoint)"
+                )
+            info = metadata.storage_data[MetadataIndex(EMBEDDED_COMMON_KEY)]
+            with open(ckpt_dir / info.relative_path, "rb") as f:
+                f.seek(info.offset)
+                blob = f.read(info.length)
+            state = torch.load(io.BytesIO(blob), map_location="cpu", weights_only=False)
+            state = state[0] if isinstance(state, list) and len(state) == 1 else state
+    except MergeError:
+        raise
     except Exception as err:  # a truncated or foreign file: report it, whatever torch raises
-        raise MergeError(f"checkpoint {ckpt_dir}: cannot read {COMMON_FILENAME}: {err}") from None
+        raise MergeError(f"checkpoint {ckpt_dir}: cannot read {source}: {err}") from None
     if not isinstance(state, dict):
-        raise MergeError(f"checkpoint {ckpt_dir}: {COMMON_FILENAME} does not hold a dict")
+        raise MergeError(f"checkpoint {ckpt_dir}: {source} does not hold a dict")
     return state
 
 

@@ -10,7 +10,10 @@ models, pipeline schedules and ``dist_checkpointing`` run on CPU over gloo. It i
    ``dist_checkpointing`` savers allocate with ``device=torch.cuda.current_device()``; on CPU those
    buffers belong on the CPU.
 2. ``torch.cuda.synchronize()`` is a no-op: with no device there is no stream to wait for
-   (``dist_checkpointing.save`` and ``parallel_state`` call it).
+   (``dist_checkpointing.save`` and ``parallel_state`` call it). Likewise
+   ``torch.cuda.current_stream()`` is ``torch.cpu.current_stream()``, whose ``wait_event`` and
+   ``wait_stream`` do nothing: megatron-core 0.19's DDP asks for the current stream before every
+   gradient reduction, to wait for CUDA-graph events that never exist on CPU.
 3. The "CUDA" RNG is the CPU generator: ``torch.cuda.get_rng_state/set_rng_state/manual_seed`` and
    Megatron's ``_get_cuda_rng_state/_set_cuda_rng_state`` read and write the CPU default
    generator. ``model_parallel_cuda_manual_seed`` and the RNG tracker's ``fork`` then swap CPU
@@ -162,6 +165,7 @@ def install() -> bool:
 
     torch.cuda.current_device = _cpu_device
     torch.cuda.synchronize = _noop
+    torch.cuda.current_stream = torch.cpu.current_stream
     torch.cuda.get_rng_state = _get_rng_state
     torch.cuda.set_rng_state = _set_rng_state
     torch.cuda.manual_seed = _manual_seed

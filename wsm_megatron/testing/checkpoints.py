@@ -223,22 +223,36 @@ def write_dcp_checkpoint(
     objects: Mapping[str, Any] | None = None,
     args: argparse.Namespace | None = None,
     tracker: bool = True,
+    embedded_common: bool = False,
 ) -> Path:
     """Save ``tensors`` (one chunk each) and ``objects`` with plain DCP from this process, in
     Megatron-LM's layout: ``root/iter_XXXXXXX/`` with ``.metadata``, ``__0_0.distcp``,
-    ``common.pt`` and ``metadata.json``; then the tracker file (``tracker=True``)."""
+    ``common.pt`` and ``metadata.json``; then the tracker file (``tracker=True``). With
+    ``embedded_common`` the common state is stored as megatron-core >= 0.17 stores it, as the
+    item ``common_state/shard_0_1`` holding ``[state]``, and there is no ``common.pt``."""
     import torch.distributed.checkpoint as dcp
+
+    from wsm_megatron.merge.selection import EMBEDDED_COMMON_KEY
 
     ckpt_dir = iteration_dir(root, iteration)
     ckpt_dir.mkdir(parents=True)
-    state = {**tensors, **(objects or {})}
-    dcp.save(state, storage_writer=dcp.FileSystemWriter(str(ckpt_dir)), no_dist=True)
     common = {
         "args": args if args is not None else megatron_args(),
         "checkpoint_version": 3.0,
         "iteration": iteration,
     }
-    torch.save(common, ckpt_dir / "common.pt")
+    state = {**tensors, **(objects or {})}
+    if embedded_common:
+        state[EMBEDDED_COMMON_KEY] = [common]
+    # Not flattened: a list stays one stored object, as megatron-core's ShardedObjects do.
+    dcp.save(
+        state,
+        storage_writer=dcp.FileSystemWriter(str(ckpt_dir)),
+        planner=dcp.DefaultSavePlanner(flatten_state_dict=False),
+        no_dist=True,
+    )
+    if not embedded_common:
+        torch.save(common, ckpt_dir / "common.pt")
     (ckpt_dir / "metadata.json").write_text(json.dumps(TORCH_DIST_CONFIG))
     if tracker:
         write_tracker(root, iteration)

@@ -17,6 +17,8 @@ on CPU too, where the forked writer holds a copy-on-write snapshot of the weight
 
 from __future__ import annotations
 
+import importlib.util
+import inspect
 import random
 from argparse import Namespace
 from dataclasses import dataclass
@@ -53,6 +55,18 @@ from wsm_megatron.training.retention import prune_checkpoints
 from wsm_megatron.training.schedules import MEGATRON_DECAY_STYLE
 
 CHECKPOINT_VERSION = 3.0
+
+
+def _async_strategy_kwargs() -> dict[str, str]:
+    """``dist_checkpointing.save``'s ``async_strategy`` where it exists (megatron-core >= 0.17).
+
+    Its default there, ``"nvrx"``, needs nvidia-resiliency-ext; without it the built-in
+    ``"mcore"`` writer (the only one older versions have) is used.
+    """
+    if "async_strategy" not in inspect.signature(dist_checkpointing.save).parameters:
+        return {}
+    nvrx = importlib.util.find_spec("nvidia_resiliency_ext") is not None
+    return {"async_strategy": "nvrx" if nvrx else "mcore"}
 
 
 @dataclass
@@ -310,6 +324,7 @@ class Checkpointer:
                 self._strategy(),
                 async_sharded_save=self.async_save,
                 content_metadata=_serializable(self.metadata),
+                **(_async_strategy_kwargs() if self.async_save else {}),
             )
         iteration = progress.iteration
 
