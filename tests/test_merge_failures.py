@@ -177,6 +177,18 @@ def test_no_check_finite_opts_out(inputs, tmp_path, capsys):
     assert int(torch.isnan(merged).sum()) == 1
 
 
+def test_output_dtype_overflow_fails_closed(tmp_path, capsys):
+    """Finite inputs whose merge does not fit --output-dtype: an error, not a file of Inf."""
+    root, out = tmp_path / "in", tmp_path / "out"
+    for it in (100, 200):
+        write_dcp_checkpoint(root, it, {"big": torch.full((3, 5), 7.0e4), "w": torch.ones(4)})
+    capsys.readouterr()
+    message = _fail(capsys, ["--input", str(root), "--output", str(out), "--last", "2",
+                             "--output-dtype", "fp16"])  # fmt: skip
+    assert "tensor 'big'" in message and "overflow torch.float16" in message, message
+    assert not out.exists()
+
+
 def test_failed_sweep_leaves_output_root_as_it_was(inputs, tmp_path, capsys):
     out = tmp_path / "out"
     sweep = ["--input", str(inputs), "--output", str(out), "--sweep", "2:linear", "3:minus-sqrt"]

@@ -255,8 +255,7 @@ def test_buffers_fit_the_budget():
     for budget in (2**20, 64 * 2**20, 2**30):
         b = size_buffers(
             budget,
-            jobs=3,
-            slots=4,
+            slots=8,
             acc_dtype=torch.float32,
             in_itemsize=2,
             out_itemsize=2,
@@ -265,7 +264,6 @@ def test_buffers_fit_the_budget():
         assert b.total_bytes <= budget - min(32 * 2**20, budget // 4) and b.capacity > 0
     small = size_buffers(
         2**30,
-        jobs=1,
         slots=4,
         acc_dtype=torch.float64,
         in_itemsize=4,

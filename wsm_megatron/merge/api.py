@@ -176,10 +176,10 @@ def _prepare(config: MergeConfig, world_size: int) -> _Prepared:
             )
             chunk_items.append((ref, kind, out_dtype))
 
+    # A piece is merged once all its inputs are read: room for them and the next piece's.
     buffers = size_buffers(
         config.memory_budget_bytes,
-        jobs=len(jobs),
-        slots=config.io_threads + 2,
+        slots=max(config.io_threads + 2, 2 * len(used_inputs)),
         acc_dtype=config.accumulate_torch_dtype,
         in_itemsize=max((c.dtype.itemsize for c, _, _ in chunk_items), default=1),
         out_itemsize=max((o.itemsize for _, _, o in chunk_items), default=1),

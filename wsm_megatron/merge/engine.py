@@ -2,12 +2,14 @@
 
 Reads run ahead on ``io_threads`` threads into a fixed set of preallocated slots, in exactly
 the order the main thread consumes them; writes run behind on one thread. So reading,
-accumulating and writing overlap. For a piece the main thread checks each input for NaN/Inf and
-accumulates the inputs oldest to newest in fp32 (or fp64) through the kernels dispatcher:
-``acc = c_0 x_0`` (:func:`~wsm_megatron.kernels.weighted_sum`), then ``acc += c_j x_j``
-(:func:`~wsm_megatron.kernels.accumulate_`), each product and sum rounded once; then it casts
-to the output dtype. Every operation is elementwise, so the result is bitwise the same whatever
-the piece boundaries and the number of ranks.
+accumulating and writing overlap. For a piece the main thread waits for all its inputs and
+writes each output with one fused
+:func:`~wsm_megatron.kernels.weighted_sum` over that job's inputs: ``acc = c_0 x_0``, then
+``acc += c_j x_j`` oldest to newest in fp32 (or fp64), each product and sum rounded once, cast
+to the output dtype, in cache-sized blocks (each input read once, the output written once), and
+NaN/Inf flagged in the same pass.
+Every operation is elementwise, so the result is bitwise the same whatever the piece boundaries
+and the number of ranks.
 
 All buffers are allocated once, sized by :func:`wsm_megatron.merge.plan.size_buffers`.
 """
@@ -24,7 +26,7 @@ from functools import partial
 
 import torch
 
-from wsm_megatron.kernels import accumulate_, weighted_sum
+from wsm_megatron.kernels import weighted_sum
 from wsm_megatron.merge.dcp_format import RawTensor, StorageFiles, locate_tensor
 from wsm_megatron.merge.errors import MergeError
 from wsm_megatron.merge.plan import AVERAGE, BytesItem, Piece, RankPlan, Unit
@@ -154,7 +156,6 @@ class RankMerger:
         buffers = plan.buffers
         has_average = any(isinstance(u, Piece) and u.kind == AVERAGE for u in plan.units)
         capacity = buffers.capacity if has_average else 0
-        self._accs = [torch.empty(capacity, dtype=plan.acc_dtype) for _ in plan.jobs]
         self._outs = [
             torch.empty(capacity * buffers.out_itemsize, dtype=torch.uint8)
             for _ in range(buffers.out_buffers)
@@ -171,15 +172,12 @@ class RankMerger:
         self._locations: OrderedDict[tuple[int, str, tuple[int, ...]], RawTensor] = OrderedDict()
         self._lock = threading.Lock()
         self._writers = [ShardWriter(job.tmp_dir, plan.rank) for job in plan.jobs]
-        # For each input: (job, position of the input in the job), and the jobs it is newest of.
-        self._jobs_of = {
-            i: [(j, job.inputs.index(i)) for j, job in enumerate(plan.jobs) if i in job.inputs]
-            for i in range(len(plan.inputs))
-        }
+        # For each input, the jobs it is the newest input of (copied items come from it).
         self._newest_of = {
             i: [j for j, job in enumerate(plan.jobs) if job.newest == i]
             for i in range(len(plan.inputs))
         }
+        self._found = torch.zeros(1, dtype=torch.int32)  # the kernels' non-finite flag
         self._prefetch: _Prefetcher | None = None
         self._write_behind: _WriteBehind | None = None
 
@@ -284,30 +282,48 @@ class RankMerger:
         in_dtype, out_dtype = piece.chunk.dtype, piece.out_dtype
         in_bytes, out_bytes = n * in_dtype.itemsize, n * out_dtype.itemsize
         fqn, offsets = piece.chunk.fqn, piece.offsets
+        check = self.plan.check_finite and in_dtype.is_floating_point
+        inputs: dict[int, torch.Tensor] = {}
+        slots = []
         for input_index, _ in piece.chunk.sources:
             _, slot = self._next(stream, piece)
             x = self._tensor(self._slot_mvs[slot][:in_bytes], in_dtype, piece)
-            if self.plan.check_finite and in_dtype.is_floating_point:
-                self._check_finite(x, input_index, piece)
             if piece.kind != AVERAGE:  # copied: written from the read buffer, then released
+                if check:
+                    self._check_finite(x, input_index, piece)
                 jobs = self._newest_of[input_index]
                 for k, j in enumerate(jobs):
                     release = partial(self._prefetch.release, slot) if k == len(jobs) - 1 else None
                     self._write(self._writers[j], fqn, offsets, x, release)
                 continue
-            for j, position in self._jobs_of[input_index]:
-                acc, c = self._accs[j][:n], self.plan.jobs[j].coefficients[position]
-                if position == 0:  # acc = c_0 x_0, then acc += c_j x_j, oldest to newest
-                    weighted_sum([x.view(-1)], [c], out=acc, acc_dtype=acc.dtype)
-                else:
-                    accumulate_([acc], [x.view(-1)], c)
+            inputs[input_index] = x.view(-1)
+            slots.append(slot)
+        if piece.kind != AVERAGE:
+            return
+        # NaN/Inf in an input makes its outputs non-finite whatever its weight (0 * inf = nan):
+        # the kernel flags non-finite outputs block by block while they are in cache, and only
+        # then are the inputs checked one by one, to name the checkpoint at fault.
+        found = self._found if check else None
+        for j, job in enumerate(self.plan.jobs):
+            b = self._free_outs.get()
+            out = self._tensor(self._out_mvs[b][:out_bytes], out_dtype, piece)
+            weighted_sum(
+                [inputs[i] for i in job.inputs],  # oldest to newest
+                job.coefficients,
+                out=out.view(-1),
+                acc_dtype=self.plan.acc_dtype,
+                found_nonfinite=found,
+            )
+            self._write(self._writers[j], fqn, offsets, out, partial(self._free_outs.put, b))
+        if check and bool(self._found):
+            for input_index, x in inputs.items():
+                self._check_finite(x, input_index, piece)
+            raise MergeError(
+                f"tensor {fqn!r} (chunk at {piece.chunk.offsets}): the merged values overflow "
+                f"{out_dtype} (choose another --output-dtype)"
+            )
+        for slot in slots:
             self._prefetch.release(slot)
-        if piece.kind == AVERAGE:
-            for j, acc in enumerate(self._accs):
-                b = self._free_outs.get()
-                out = self._tensor(self._out_mvs[b][:out_bytes], out_dtype, piece)
-                out.view(-1).copy_(acc[:n])
-                self._write(self._writers[j], fqn, offsets, out, partial(self._free_outs.put, b))
 
     def _write(
         self,

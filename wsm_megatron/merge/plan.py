@@ -69,15 +69,15 @@ Unit = Piece | BytesItem
 
 @dataclass(frozen=True)
 class Buffers:
-    """Per-rank buffer sizes: ``capacity`` elements per piece, ``slots`` read buffers,
-    ``out_buffers`` output buffers (one being written while the next is filled)."""
+    """Per-rank buffer sizes: ``capacity`` elements per piece, ``slots`` read buffers (every
+    input of the piece being merged, and of the next one, read ahead), ``out_buffers`` output
+    buffers (one being written while the next is filled)."""
 
     capacity: int
     slots: int
     in_itemsize: int
     out_itemsize: int
     acc_itemsize: int
-    jobs: int
     out_buffers: int = 2
 
     @property
@@ -86,25 +86,19 @@ class Buffers:
 
     @property
     def total_bytes(self) -> int:
-        """Bytes of all buffers, the kernel's temporary included."""
+        """Bytes of all buffers, the kernel's scratch included."""
         return self.capacity * _per_element(
-            self.jobs,
-            self.slots,
-            self.out_buffers,
-            self.acc_itemsize,
-            self.in_itemsize,
-            self.out_itemsize,
+            self.slots, self.out_buffers, self.acc_itemsize, self.in_itemsize, self.out_itemsize
         )
 
 
-def _per_element(jobs: int, slots: int, outs: int, acc: int, inp: int, out: int) -> int:
-    return (jobs + 1) * acc + outs * out + slots * inp
+def _per_element(slots: int, outs: int, acc: int, inp: int, out: int) -> int:
+    return 2 * acc + outs * out + slots * inp
 
 
 def size_buffers(
     budget_bytes: int,
     *,
-    jobs: int,
     slots: int,
     acc_dtype: torch.dtype,
     in_itemsize: int,
@@ -113,14 +107,14 @@ def size_buffers(
 ) -> Buffers:
     """Largest piece (in elements) such that all buffers fit ``budget_bytes``.
 
-    Per element of a piece a rank holds one accumulator per job plus one temporary of the
-    kernel (``acc_dtype``), two output elements (write-behind) and ``slots`` prefetched input
-    elements.
+    Per element of a piece a rank holds ``slots`` prefetched input elements, two output
+    elements (write-behind) and at most two ``acc_dtype`` elements of kernel scratch (the
+    accumulator and a temporary, both bounded by the piece).
     """
     usable = budget_bytes - min(_RESERVE_BYTES, budget_bytes // 4)
-    per_element = _per_element(jobs, slots, 2, acc_dtype.itemsize, in_itemsize, out_itemsize)
+    per_element = _per_element(slots, 2, acc_dtype.itemsize, in_itemsize, out_itemsize)
     capacity = max(1, min(usable // per_element, max(1, largest_chunk)))
-    return Buffers(capacity, slots, in_itemsize, out_itemsize, acc_dtype.itemsize, jobs)
+    return Buffers(capacity, slots, in_itemsize, out_itemsize, acc_dtype.itemsize)
 
 
 def split_chunk(
