@@ -2,14 +2,13 @@
 
 Reads run ahead on ``io_threads`` threads into a fixed set of preallocated slots, in exactly
 the order the main thread consumes them; writes run behind on one thread. So reading,
-accumulating and writing overlap. For a piece the main thread waits for all its inputs and
-writes each output with one fused
-:func:`~wsm_megatron.kernels.weighted_sum` over that job's inputs: ``acc = c_0 x_0``, then
-``acc += c_j x_j`` oldest to newest in fp32 (or fp64), each product and sum rounded once, cast
-to the output dtype, in cache-sized blocks (each input read once, the output written once), and
-NaN/Inf flagged in the same pass.
-Every operation is elementwise, so the result is bitwise the same whatever the piece boundaries
-and the number of ranks.
+accumulating and writing overlap. For a piece the main thread waits for all its inputs, then
+computes each output with one fused :func:`~wsm_megatron.kernels.weighted_sum` over that job's
+inputs: ``acc = c_0 x_0``, then ``acc += c_j x_j`` oldest to newest in fp32 (or fp64), each
+product and sum rounded once, cast to the output dtype, in cache-sized blocks (each input read
+once, the output written once), with NaN/Inf flagged in the same pass. Every operation is
+elementwise, so the result is bitwise the same whatever the piece boundaries and the number of
+ranks.
 
 All buffers are allocated once, sized by :func:`wsm_megatron.merge.plan.size_buffers`.
 """
@@ -314,14 +313,14 @@ class RankMerger:
                 acc_dtype=self.plan.acc_dtype,
                 found_nonfinite=found,
             )
+            if check and bool(self._found):  # nothing non-finite is written
+                for i in job.inputs:
+                    self._check_finite(inputs[i], i, piece)
+                raise MergeError(
+                    f"tensor {fqn!r} (chunk at {piece.chunk.offsets}): the merged values "
+                    f"overflow {out_dtype} (choose another --output-dtype)"
+                )
             self._write(self._writers[j], fqn, offsets, out, partial(self._free_outs.put, b))
-        if check and bool(self._found):
-            for input_index, x in inputs.items():
-                self._check_finite(x, input_index, piece)
-            raise MergeError(
-                f"tensor {fqn!r} (chunk at {piece.chunk.offsets}): the merged values overflow "
-                f"{out_dtype} (choose another --output-dtype)"
-            )
         for slot in slots:
             self._prefetch.release(slot)
 
