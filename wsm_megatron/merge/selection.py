@@ -38,7 +38,7 @@ def has_common_state(ckpt_dir: Path, metadata: Metadata) -> bool:
 
 def load_common_state(ckpt_dir: Path) -> dict[str, Any]:
     """The non-sharded state Megatron saved (args, iteration, ...): ``common.pt``, or the
-    embedded ``common_state`` item of megatron-core >= 0.17 (read the same way by both)."""
+    ``common_state`` item embedded in the checkpoint by megatron-core >= 0.17."""
     path = ckpt_dir / COMMON_FILENAME
     source = COMMON_FILENAME
     try:
