@@ -108,6 +108,7 @@ class _Prepared:
     policy: ContentPolicy
     inputs: tuple[InputRef, ...]
     reference: dict[str, Any]  # the newest input's state_dict_metadata
+    common_states: dict[int, dict[str, Any]]  # by input index, of each job's newest input
     selections: list[Selected]
     weights: list[MergeWeights]
     job_plans: list[JobPlan]
@@ -149,6 +150,10 @@ def _prepare(config: MergeConfig, world_size: int) -> _Prepared:
     job_inputs = [tuple(position[it] for it in sel.iterations) for sel in selections]
     newest_inputs = sorted({ins[-1] for ins in job_inputs})
     used_inputs = sorted({i for ins in job_inputs for i in ins})
+    # Read now, so that a bad common state fails the merge before any work.
+    common_states = {
+        i: load_common_state(inputs[i].path, inputs[i].metadata) for i in newest_inputs
+    }
 
     reference = inputs[-1].metadata.state_dict_metadata
     chunk_items: list[tuple[ChunkRef, str, torch.dtype]] = []
@@ -202,6 +207,7 @@ def _prepare(config: MergeConfig, world_size: int) -> _Prepared:
         policy,
         refs,
         reference,
+        common_states,
         selections,
         weights,
         job_plans,
@@ -323,7 +329,7 @@ def _finalize(prepared: _Prepared, outcomes: list[RankOutcome]) -> list[Path]:
                 "output_dtype",
             )
         }
-        common = prepared.policy.common_state(load_common_state(newest.path), provenance)
+        common = prepared.policy.common_state(prepared.common_states[job_plan.newest], provenance)
         tmp = job_plan.tmp_dir
         write_common(tmp, common)
         write_file(tmp / CONFIG_FILENAME, (newest.path / CONFIG_FILENAME).read_bytes())

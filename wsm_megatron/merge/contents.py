@@ -44,8 +44,7 @@ def key_group(fqn: str) -> str:
     state) or ``model`` (everything else: Megatron keys model tensors without a prefix)."""
     if _OPTIMIZER_RE.match(fqn):
         return OPTIMIZER
-    prefix = fqn.split("/", 1)[0]
-    if prefix in _RUN_STATE_PREFIXES:
+    if fqn.split("/", 1)[0] in _RUN_STATE_PREFIXES:
         return RUN_STATE
     if fqn == EMBEDDED_COMMON_KEY:
         return COMMON

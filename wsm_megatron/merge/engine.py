@@ -154,6 +154,10 @@ class RankMerger:
         self.progress = progress
         buffers = plan.buffers
         has_average = any(isinstance(u, Piece) and u.kind == AVERAGE for u in plan.units)
+        # A piece holds a slot per input until all are read: fewer slots would deadlock.
+        assert all(
+            len(u.chunk.sources) <= buffers.slots for u in plan.units if isinstance(u, Piece)
+        ), "fewer read slots than inputs of a piece"
         capacity = buffers.capacity if has_average else 0
         self._outs = [
             torch.empty(capacity * buffers.out_itemsize, dtype=torch.uint8)

@@ -36,9 +36,10 @@ def has_common_state(ckpt_dir: Path, metadata: Metadata) -> bool:
     )
 
 
-def load_common_state(ckpt_dir: Path) -> dict[str, Any]:
+def load_common_state(ckpt_dir: Path, metadata: Metadata | None = None) -> dict[str, Any]:
     """The non-sharded state Megatron saved (args, iteration, ...): ``common.pt``, or the
-    ``common_state`` item embedded in the checkpoint by megatron-core >= 0.17."""
+    ``common_state`` item embedded in the checkpoint by megatron-core >= 0.17 (located through
+    ``metadata``, the checkpoint's ``.metadata``, read here when not given)."""
     path = ckpt_dir / COMMON_FILENAME
     source = COMMON_FILENAME
     try:
@@ -46,7 +47,7 @@ def load_common_state(ckpt_dir: Path) -> dict[str, Any]:
             state = torch.load(path, map_location="cpu", weights_only=False)
         else:
             source = f"the embedded {EMBEDDED_COMMON_KEY!r}"
-            metadata = read_metadata(ckpt_dir)
+            metadata = metadata or read_metadata(ckpt_dir)
             if EMBEDDED_COMMON_KEY not in metadata.state_dict_metadata:
                 raise MergeError(
                     f"checkpoint {ckpt_dir}: missing {COMMON_FILENAME} and no embedded common "
