@@ -3,7 +3,7 @@
 Reads run ahead on ``io_threads`` threads into a fixed set of preallocated slots, in exactly
 the order the main thread consumes them; writes run behind on one thread. So reading,
 accumulating and writing overlap. For a piece the main thread waits for all its inputs, then
-computes each output with one fused :func:`~wsm_megatron.kernels.weighted_sum` over that job's
+computes each output with one fused :func:`~wsm_megatron.merge.combine.combine` over that job's
 inputs: ``acc = c_0 x_0``, then ``acc += c_j x_j`` oldest to newest in fp32 (or fp64), each
 product and sum rounded once, cast to the output dtype, in cache-sized blocks (each input read
 once, the output written once), with NaN/Inf flagged in the same pass. Every operation is
@@ -25,7 +25,7 @@ from functools import partial
 
 import torch
 
-from wsm_megatron.kernels import weighted_sum
+from wsm_megatron.merge.combine import combine
 from wsm_megatron.merge.dcp_format import RawTensor, StorageFiles, locate_tensor
 from wsm_megatron.merge.errors import MergeError
 from wsm_megatron.merge.plan import AVERAGE, BytesItem, Piece, RankPlan, Unit
@@ -310,10 +310,10 @@ class RankMerger:
         for j, job in enumerate(self.plan.jobs):
             b = self._free_outs.get()
             out = self._tensor(self._out_mvs[b][:out_bytes], out_dtype, piece)
-            weighted_sum(
-                [inputs[i] for i in job.inputs],  # oldest to newest
+            combine(
+                [out.view(-1)],
+                [[inputs[i]] for i in job.inputs],  # oldest to newest
                 job.coefficients,
-                out=out.view(-1),
                 acc_dtype=self.plan.acc_dtype,
                 found_nonfinite=found,
             )

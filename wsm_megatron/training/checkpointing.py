@@ -316,16 +316,6 @@ class Checkpointer:
         if dist.get_rank() == 0:
             ckpt_dir.mkdir(parents=True, exist_ok=True)
         dist.barrier()
-        with params_synced(self.state):
-            state_dict = self._state_dict(progress, optimizer=True, rng=True, loading=False)
-            request = dist_checkpointing.save(
-                state_dict,
-                str(ckpt_dir),
-                self._strategy(),
-                async_sharded_save=self.async_save,
-                content_metadata=_serializable(self.metadata),
-                **(_async_strategy_kwargs() if self.async_save else {}),
-            )
         iteration = progress.iteration
 
         def finalize() -> None:
@@ -333,6 +323,53 @@ class Checkpointer:
                 write_tracker(root, iteration)
                 self._prune(root)
 
+        with params_synced(self.state):
+            state_dict = self._state_dict(progress, optimizer=True, rng=True, loading=False)
+            self._write(state_dict, ckpt_dir, finalize)
+        self.last_saved = iteration
+
+    def save_merged(self, progress: Progress, root: str | Path, info: dict[str, Any]) -> None:
+        """Write the model's current (merged) values as a model-only checkpoint
+        ``root/iter_<progress.iteration>`` in ``wsm-merge``'s output format: the common state
+        with provenance, ``merge_info.json`` (``info``), built in a temporary directory and
+        published atomically, tracker last. Asynchronous when saves are."""
+        from wsm_megatron.merge.contents import ContentPolicy
+        from wsm_megatron.merge.provenance import provenance
+        from wsm_megatron.merge.writer import MERGE_INFO_FILENAME, make_tmp_dir, publish, write_json
+
+        root = Path(root)
+        box: list[Any] = [None]
+        if dist.get_rank() == 0:
+            root.mkdir(parents=True, exist_ok=True)
+            box[0] = make_tmp_dir(root, progress.iteration)
+        dist.broadcast_object_list(box, src=0)
+        tmp_dir: Path = box[0]
+        state_dict = self._state_dict(progress, optimizer=False, rng=False, loading=False)
+        common = {k: v for k, v in state_dict.items() if not k.startswith("model")}
+        state_dict = {
+            **ContentPolicy().common_state(common, provenance(info)),
+            **{k: v for k, v in state_dict.items() if k.startswith("model")},
+        }
+
+        def finalize() -> None:
+            if dist.get_rank() == 0:
+                write_json(tmp_dir / MERGE_INFO_FILENAME, info)
+                publish(tmp_dir, root, progress.iteration, overwrite=True)
+
+        with params_synced(self.state):
+            self._write(state_dict, tmp_dir, finalize)
+
+    def _write(self, state_dict: dict, ckpt_dir: Path, finalize: Any) -> None:
+        """``dist_checkpointing.save`` into ``ckpt_dir``, then ``finalize`` once every rank
+        has written (in the background with async saves)."""
+        request = dist_checkpointing.save(
+            state_dict,
+            str(ckpt_dir),
+            self._strategy(),
+            async_sharded_save=self.async_save,
+            content_metadata=_serializable(self.metadata),
+            **(_async_strategy_kwargs() if self.async_save else {}),
+        )
         if self.async_save:
             request.add_finalize_fn(finalize)
             self.queue.schedule_async_request(request)
@@ -340,7 +377,6 @@ class Checkpointer:
             dist.barrier()
             finalize()
             dist.barrier()
-        self.last_saved = iteration
 
     def _strategy(self) -> Any:
         if self._save_strategy is None:

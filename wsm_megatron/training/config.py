@@ -302,25 +302,68 @@ class CheckpointConfig:
 
 @dataclass
 class MergeConfig:
-    """The merge window WSM will use: it decides which checkpoints training must keep.
+    """The merge window WSM uses, and the online merge that forms the merged model while training.
 
     ``quantity`` is the number of newest checkpoints merged; ``window`` is the merge duration in
     the save interval's unit (iterations or tokens), ``quantity = window / interval``. ``schedule``
-    names the merge weights (see ``wsm-coeffs``; ``linear`` is the plain mean).
+    names the merge weights (see ``wsm-coeffs``; ``linear`` is the plain mean), with
+    ``min_lr_ratio`` and ``ema_beta`` as in ``wsm-merge``. The window decides which checkpoints
+    training keeps.
+
+    ``online``: at every ``every``-th checkpoint save, each rank merges the values of its own shard
+    from a ring of snapshots of the window's newest saves (on ``snapshot_device``: pinned host
+    memory or GPU memory, at most ``snapshot_memory_gb`` per rank), evaluates the merged model
+    on the validation batches, optionally saves it under ``save_dir`` in ``wsm-merge``'s format,
+    and puts the live values back.
     """
 
     quantity: int | None = None
     window: int | None = None
     schedule: str = "linear"
+    min_lr_ratio: float = 0.0
+    ema_beta: float | None = None
+    online: bool = False
+    every: int = 1
+    snapshot_device: Literal["cpu", "gpu"] = "cpu"
+    snapshot_memory_gb: float = 64.0
+    save_dir: str | None = None
 
     def __post_init__(self) -> None:
-        _positive("merge", quantity=self.quantity, window=self.window)
+        _positive(
+            "merge",
+            quantity=self.quantity,
+            window=self.window,
+            every=self.every,
+            snapshot_memory_gb=self.snapshot_memory_gb,
+        )
         if self.quantity is not None and self.window is not None:
             raise ConfigError("merge.window: set either merge.quantity or merge.window, not both")
         try:
             self.schedule = canonical_schedule(self.schedule)
         except MergeWeightsError as err:
             raise ConfigError(f"merge.schedule: {err}") from None
+        try:
+            self.weighting()
+        except ValueError as err:  # the flag names of wsm-merge, as keys of this section
+            message = str(err).replace("--min-lr-ratio", "merge.min_lr_ratio")
+            message = message.replace("--ema-beta", "merge.ema_beta")
+            message = message.replace("--schedule", "merge.schedule")
+            message = message if message.startswith("merge.") else f"merge: {message}"
+            raise ConfigError(message) from None
+        if self.save_dir is not None and not self.online:
+            raise ConfigError("merge.save_dir: saving merged models needs merge.online=true")
+
+    def weighting(self) -> Any:
+        """The merge weights, as ``wsm-merge`` resolves them (one rule for both)."""
+        from wsm_megatron.merge.config import Weighting
+
+        return Weighting(
+            schedule=self.schedule, min_lr_ratio=self.min_lr_ratio, ema_beta=self.ema_beta
+        )
+
+
+def interval_unset(c: CheckpointConfig) -> bool:
+    return c.save_interval is None and c.save_interval_tokens is None
 
 
 @dataclass
@@ -417,6 +460,17 @@ class WSMConfig:
                 raise ConfigError(
                     f"merge.window: {self.merge.window} is not a multiple of the save interval "
                     f"({interval})"
+                )
+        if self.merge.online:
+            if self.checkpoint.save is None or interval_unset(c):
+                raise ConfigError(
+                    "merge.online: merges at checkpoint saves; set checkpoint.save and "
+                    "checkpoint.save_interval (or save_interval_tokens)"
+                )
+            if self.merge_quantity is None or self.merge_quantity < 2:
+                raise ConfigError(
+                    "merge.quantity: the online merge needs a window of at least 2 checkpoints "
+                    f"(merge.quantity or merge.window; got {self.merge_quantity})"
                 )
         if self.train.eval_interval is not None and self.data.split_fractions[1] == 0:
             if self.data.valid_data is None:

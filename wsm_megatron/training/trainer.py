@@ -15,6 +15,7 @@ import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -28,6 +29,7 @@ from wsm_megatron.data import (
     build_valid_iterator,
 )
 from wsm_megatron.data.datasets import DataSplits
+from wsm_megatron.layout import read_tracker
 from wsm_megatron.runtime import ParallelConfig, Runtime, init_distributed
 from wsm_megatron.training.checkpointing import (
     Checkpointer,
@@ -40,6 +42,7 @@ from wsm_megatron.training.evaluate import ValidBatches, evaluate
 from wsm_megatron.training.loggers import MetricsLogger, console_line
 from wsm_megatron.training.metrics import flops_per_iteration, memory_gb
 from wsm_megatron.training.model import BuiltModel, build_model, count_parameters, mixed_precision
+from wsm_megatron.training.online_merge import MergePoint, OnlineMerge
 from wsm_megatron.training.optimizer import TrainState, params_synced, setup_model_and_optimizer
 from wsm_megatron.training.schedules import build_scheduler
 from wsm_megatron.training.steps import Batch, global_mean, run_microbatches
@@ -53,6 +56,9 @@ class TrainResult:
     losses: dict[int, float] = field(default_factory=dict)
     """Training loss of every iteration this process ran."""
     val_losses: dict[int, float] = field(default_factory=dict)
+    merged_losses: dict[int, float] = field(default_factory=dict)
+    """Validation loss of the online merge's merged model at each merge point."""
+    merge_points: dict[int, MergePoint] = field(default_factory=dict)
     lrs: dict[int, float] = field(default_factory=dict)
     """The LR each iteration applied."""
     resumed_from: int | None = None
@@ -170,14 +176,13 @@ def pretrain(config: WSMConfig) -> TrainResult:
     )
     logger = MetricsLogger(config, is_main=session.runtime.is_main)
     logger.print(_describe(session, state))
-    progress = checkpointer.load() or Progress()
+    online = OnlineMerge(config, state.model) if config.merge.online else None
+    if online is not None:
+        logger.print(online.describe())
+    progress = _resume(config, checkpointer, online, logger)
     result = TrainResult(progress=progress, state=state)
     if progress.iteration:
         result.resumed_from = progress.iteration
-        logger.print(
-            f"  resumed from {config.checkpoint.load_dir} at iteration {progress.iteration} "
-            f"({progress.consumed_train_samples} samples consumed)"
-        )
     train_batches = build_train_iterator(
         session.data.train,
         session.data.anneal,
@@ -204,6 +209,8 @@ def pretrain(config: WSMConfig) -> TrainResult:
             micro_batch_size=t.micro_batch_size,
             forward_only=False,
         )
+        if online is not None:
+            online.fence()  # snapshot copies in flight finish before the weights change
         updated, grad_norm, _ = state.optimizer.step()
         if updated:
             scheduler.step(increment=t.global_batch_size)
@@ -236,33 +243,122 @@ def pretrain(config: WSMConfig) -> TrainResult:
             logger.log("train", it, metrics)
             window_start, window_iters = time.perf_counter(), 0
 
-        if t.eval_interval and (it % t.eval_interval == 0 or it == t.train_iters):
-            start = time.perf_counter()
-            with params_synced(state):
-                val = evaluate(
-                    state.model, session.valid_batches(), config, session.num_microbatches
-                )
-            result.val_losses[it] = val
-            logger.print(f"  validation loss at iteration {it}: {val:.4f}")
-            logger.log("valid", it, {"loss": val, "tokens": it * config.tokens_per_iteration})
-            window_start += time.perf_counter() - start  # not training throughput
-
+        start = time.perf_counter()
+        valid: dict[str, Any] = {}
         last = it == t.train_iters
-        if checkpointer.due(progress, t.global_batch_size) or (
+        saving = checkpointer.due(progress, t.global_batch_size) or (
             last and config.checkpoint.save and checkpointer.last_saved != it
-        ):
-            start = time.perf_counter()
+        )
+        merging = saving and online is not None and online.due(progress)
+        if merging or (t.eval_interval and (it % t.eval_interval == 0 or last)):
+            valid["loss"] = result.val_losses[it] = _validate(session, state)
+            logger.print(f"  validation loss at iteration {it}: {valid['loss']:.4f}")
+        if saving:
+            save_start = time.perf_counter()
             checkpointer.save(progress)
             logger.print(
                 f"  saved checkpoint iteration {it} to {config.checkpoint.save} "
-                f"({time.perf_counter() - start:.1f} s"
+                f"({time.perf_counter() - save_start:.1f} s"
                 f"{', writing asynchronously' if checkpointer.async_save else ''})"
             )
-            window_start += time.perf_counter() - start
+            if online is not None:
+                online.on_save(progress)
+        if merging:
+            valid.update(_merge_point(session, state, online, checkpointer, progress, logger))
+            if "merged_loss" in valid:
+                result.merged_losses[it] = valid["merged_loss"]
+            result.merge_points[it] = online.last_point
+        if valid:
+            logger.log("valid", it, {**valid, "tokens": it * config.tokens_per_iteration})
+        window_start += time.perf_counter() - start  # not training throughput
 
     checkpointer.finalize(blocking=True)
     logger.close()
     return result
+
+
+def _resume(
+    config: WSMConfig, checkpointer: Checkpointer, online: OnlineMerge | None, logger: Any
+) -> Progress:
+    """Resume from the newest checkpoint, first rebuilding the online merge's ring from the
+    window's checkpoints on disk."""
+    c = config.checkpoint
+    root = c.load_dir
+    if online is not None and root is not None and not c.finetune and read_tracker(root):
+        _, resume_iteration = resolve_checkpoint(root)
+        rebuilt = online.rebuild(root, resume_iteration)
+        logger.print(
+            f"  online merge: ring rebuilt from {root} (iterations {rebuilt + [resume_iteration]})"
+        )
+    progress = checkpointer.load() or Progress()
+    if progress.iteration:
+        logger.print(
+            f"  resumed from {c.load_dir} at iteration {progress.iteration} "
+            f"({progress.consumed_train_samples} samples consumed)"
+        )
+        if online is not None:
+            online.on_resume(progress)
+    return progress
+
+
+def _validate(session: _Session, state: TrainState) -> float:
+    """The validation loss of the model as it is."""
+    with params_synced(state):
+        return evaluate(
+            state.model, session.valid_batches(), session.config, session.num_microbatches
+        )
+
+
+def _merge_point(
+    session: _Session,
+    state: TrainState,
+    online: OnlineMerge,
+    checkpointer: Checkpointer,
+    progress: Progress,
+    logger: MetricsLogger,
+) -> dict[str, Any]:
+    """Merge the ring into the model, evaluate (and save) the merged model, restore the live
+    values; returns what to log beside the raw validation loss."""
+    from wsm_megatron.merge.provenance import merge_info
+
+    config = session.config
+    start = time.perf_counter()
+    with online.merged(progress.iteration) as point:
+        metrics: dict[str, Any] = {
+            "merge_first": point.iterations[0],
+            "merge_last": point.iterations[-1],
+            "merge_checkpoints": len(point.iterations),
+            "merge_schedule": point.schedule,
+        }
+        window = (
+            f"{len(point.iterations)} checkpoints {point.iterations[0]}..{point.iterations[-1]}"
+            f", {point.schedule}"
+        )
+        if point.nonfinite is not None:
+            logger.print(
+                f"  online merge at iteration {progress.iteration} ({window}) skipped: "
+                f"{point.nonfinite}; training continues"
+            )
+            metrics["merge_nonfinite"] = point.nonfinite
+            return metrics
+        metrics["merged_loss"] = _validate(session, state)
+        if config.merge.save_dir is not None:
+            info = merge_info(
+                tool="wsm-train online merge",
+                input_root=config.checkpoint.save,
+                iterations=point.iterations,
+                weighting=online.weighting,
+                weights=point.weights,
+                accumulate_dtype="fp32",
+                output_dtype=None,
+                positions=list(point.positions),
+            )
+            checkpointer.save_merged(progress, config.merge.save_dir, info)
+    logger.print(
+        f"  merged model at iteration {progress.iteration} ({window}): validation loss "
+        f"{metrics['merged_loss']:.4f} ({time.perf_counter() - start:.1f} s)"
+    )
+    return metrics
 
 
 def evaluate_checkpoints(config: WSMConfig, paths: list[str]) -> dict[str, dict[str, float]]:

@@ -1,0 +1,240 @@
+"""The trainer's online merge (``merge.online``) on CPU over gloo.
+
+- At TP=2 x PP=2 (4 processes): merged models are saved in ``wsm-merge``'s format and are
+  bitwise ``wsm-merge``'s output for the same checkpoints; a run restarted in the middle of a
+  merge window rebuilds its ring from disk and gives bitwise the merged losses (and merged
+  models) of the uninterrupted run; retention keeps every checkpoint a rebuild needs.
+- At TP=2: training with merged evaluations is bitwise training without them, and the merged
+  loss equals ``wsm-train --evaluate`` of the ``wsm-merge`` output.
+- One process: a NaN in the window is reported with its iteration and the live values come back
+  bitwise; configuration errors are one line naming the ``merge.`` key.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from wsm_megatron.cli.merge import main as merge_main
+from wsm_megatron.layout import iteration_dir, list_iterations, read_tracker
+from wsm_megatron.testing.checkpoints import load_dcp_tensors
+from wsm_megatron.testing.distributed import run_distributed
+from wsm_megatron.training.config import ConfigError, load_config
+
+REPO = Path(__file__).resolve().parents[1]
+TINY = REPO / "configs" / "tiny-cpu.yaml"
+SMALL = [  # tiny-cpu, smaller still (as in test_train.py)
+    "model.hidden_size=64",
+    "model.ffn_hidden_size=128",
+    "data.seq_length=32",
+    "train.micro_batch_size=2",
+    "train.global_batch_size=8",
+    "train.lr_warmup_iters=2",
+    "train.eval_iters=2",
+    "logging.log_interval=2",
+    "logging.wandb_mode=disabled",
+    "corpus.vocab_size=512",
+    "corpus.max_files=30",
+]
+
+
+@pytest.fixture(scope="module")
+def corpus_dir(shared_tmp) -> str:
+    return str(shared_tmp / "wsm-train-corpus")
+
+
+def _train(overrides: list[str]) -> dict:
+    from megatron.core import parallel_state
+    from megatron.core.utils import unwrap_model
+
+    from wsm_megatron.training.trainer import pretrain
+
+    result = pretrain(load_config(TINY, overrides))
+    model = unwrap_model(result.state.model[0])
+    return {
+        "grid": (
+            parallel_state.get_tensor_model_parallel_rank(),
+            parallel_state.get_pipeline_model_parallel_rank(),
+        ),
+        "losses": result.losses,
+        "val_losses": result.val_losses,
+        "merged_losses": result.merged_losses,
+        "windows": {it: p.iterations for it, p in result.merge_points.items()},
+        "coefficients": {it: p.weights.coefficients for it, p in result.merge_points.items()},
+        "weights": {
+            k: v.detach().numpy().copy()
+            for k, v in model.state_dict().items()
+            if isinstance(v, torch.Tensor)
+        },
+    }
+
+
+def _same_tensors(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> bool:
+    return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_tp2_pp2_online_merge_equals_wsm_merge_and_survives_a_mid_window_restart(
+    corpus_dir, tmp_path
+):
+    straight, split = tmp_path / "straight", tmp_path / "split"
+    common = [
+        *SMALL,
+        f"corpus.cache_dir={corpus_dir}",
+        "parallel.pipeline_model_parallel_size=2",
+        "checkpoint.save_interval=2",
+        "merge.online=true",
+        "merge.quantity=3",
+        "merge.schedule=minus-sqrt",  # unequal coefficients: the order matters
+    ]
+
+    def run(root: Path, iters: int) -> list[dict]:
+        return run_distributed(
+            _train,
+            4,
+            [
+                *common,
+                f"checkpoint.save={root / 'ckpts'}",
+                f"merge.save_dir={root / 'merged'}",
+                f"train.train_iters={iters}",
+            ],
+        )
+
+    a = run(straight, 8)
+    merged = a[0]["merged_losses"]
+    assert list(merged) == [4, 6, 8] and all(r["merged_losses"] == merged for r in a)
+    assert a[0]["windows"] == {4: (2, 4), 6: (2, 4, 6), 8: (4, 6, 8)}
+    assert all(np.isfinite(v) and v != a[0]["val_losses"][it] for it, v in merged.items())
+    assert list_iterations(straight / "ckpts") == [4, 6, 8]  # retention: the window
+    assert list_iterations(straight / "merged") == [4, 6, 8]
+    assert read_tracker(straight / "merged") == 8
+
+    # The saved merged model is wsm-merge's output for the same checkpoints, bit for bit.
+    offline = tmp_path / "offline"
+    argv = ["--input", str(straight / "ckpts"), "--output", str(offline), "--last", "3"]
+    assert merge_main([*argv, "--schedule", "minus-sqrt", "--no-progress"]) == 0
+    online_dir = iteration_dir(straight / "merged", 8)
+    assert _same_tensors(load_dcp_tensors(online_dir), load_dcp_tensors(iteration_dir(offline, 8)))
+    info = json.loads((online_dir / "merge_info.json").read_text())
+    offline_info = json.loads((iteration_dir(offline, 8) / "merge_info.json").read_text())
+    assert [i["iteration"] for i in info["inputs"]] == [4, 6, 8]
+    for key in ("inputs", "schedule", "emulated_decay", "accumulate_dtype"):
+        assert info[key] == offline_info[key], key
+    common_state = torch.load(online_dir / "common.pt", weights_only=False)
+    assert common_state["wsm_merge"]["inputs"] == info["inputs"]
+    assert "optimizer" not in common_state and common_state["args"].no_save_optim
+
+    # Stopped at 4 (in the window 2..6), resumed in fresh processes: the same merges after it.
+    run(split, 4)
+    b = run(split, 8)
+    assert b[0]["windows"] == {6: (2, 4, 6), 8: (4, 6, 8)}
+    assert b[0]["merged_losses"] == {it: merged[it] for it in (6, 8)}  # bitwise equal floats
+    by_grid = {r["grid"]: r for r in a}
+    for resumed in b:
+        assert resumed["coefficients"][8] == by_grid[resumed["grid"]]["coefficients"][8]
+    for it in (6, 8):
+        assert _same_tensors(
+            load_dcp_tensors(iteration_dir(split / "merged", it)),
+            load_dcp_tensors(iteration_dir(straight / "merged", it)),
+        )
+
+
+def _evaluate(overrides: list[str], checkpoints: list[str]) -> dict:
+    from wsm_megatron.training.trainer import evaluate_checkpoints
+
+    return evaluate_checkpoints(load_config(TINY, overrides), checkpoints)
+
+
+def test_merged_evaluation_leaves_training_bitwise_unchanged(corpus_dir, tmp_path):
+    common = [
+        *SMALL,
+        f"corpus.cache_dir={corpus_dir}",
+        "checkpoint.save_interval=2",
+        "merge.quantity=2",
+        "train.train_iters=6",
+    ]
+    plain = run_distributed(_train, 2, [*common, f"checkpoint.save={tmp_path / 'plain'}"])
+    online_root, offline = tmp_path / "online", tmp_path / "offline"
+    overrides = [*common, "merge.online=true", f"checkpoint.save={online_root}"]
+    online = run_distributed(_train, 2, overrides)
+    for p, o in zip(plain, online, strict=True):
+        assert p["losses"] == o["losses"]
+        assert p["weights"].keys() == o["weights"].keys()
+        assert all(np.array_equal(p["weights"][k], o["weights"][k]) for k in p["weights"])
+    assert list(online[0]["merged_losses"]) == [4, 6]
+
+    # The same merged weights, the same validation batches: the same loss, to the bit.
+    argv = ["--input", str(online_root), "--output", str(offline), "--last", "2"]
+    assert merge_main([*argv, "--no-progress"]) == 0
+    evaluated = run_distributed(_evaluate, 2, overrides, [str(offline)])[0][str(offline)]
+    assert evaluated == {"iteration": 6, "val_loss": online[0]["merged_losses"][6]}
+
+
+def _nan_in_window(budget_gb: float) -> dict:
+    from wsm_megatron.runtime import ParallelConfig, init_distributed
+    from wsm_megatron.testing.models import tiny_gpt
+    from wsm_megatron.training.checkpointing import Progress
+    from wsm_megatron.training.online_merge import OnlineMerge
+
+    init_distributed(ParallelConfig())
+    config = load_config(
+        TINY,
+        [
+            "parallel.tensor_model_parallel_size=1",
+            "checkpoint.save=unused",
+            "merge.online=true",
+            "merge.quantity=3",
+            f"merge.snapshot_memory_gb={budget_gb}",
+        ],
+    )
+    model = [tiny_gpt(seed=1)]
+    try:
+        online = OnlineMerge(config, model)
+    except ValueError as err:
+        return {"error": str(err)}
+    live = [v.tensor for v in online.values]
+    for it in (25, 50, 75):
+        with torch.no_grad():
+            for t in live:
+                t.add_(0.01)
+        online.on_save(Progress(it, it * 16))
+    before = [t.clone() for t in live]
+    online.ring.entries[1].tensors[3][0] = float("nan")  # the snapshot of iteration 50
+    with online.merged(75) as point:
+        inside = [t.clone() for t in live]
+    return {
+        "nonfinite": point.nonfinite,
+        "restored": all(torch.equal(a, b) for a, b in zip(before, live, strict=True)),
+        "inside_is_live": all(torch.equal(a, b) for a, b in zip(before, inside, strict=True)),
+        "key": online.values[3].key,
+    }
+
+
+def test_nan_in_the_window_is_reported_with_its_iteration_and_live_values_come_back():
+    (result,) = run_distributed(_nan_in_window, 1, 64.0)
+    assert result["nonfinite"] == (f"iteration 50's checkpoint holds NaN/Inf in {result['key']!r}")
+    assert result["restored"] and result["inside_is_live"]
+    (refused,) = run_distributed(_nan_in_window, 1, 1e-6)
+    assert refused["error"].startswith("merge.snapshot_memory_gb: the online merge's ring of 3")
+
+
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        (["checkpoint.save_interval=null"], "merge.online: merges at checkpoint saves"),
+        (["merge.quantity=1"], "merge.quantity: the online merge needs a window of at least 2"),
+        (["merge.schedule=steep"], "merge.schedule: "),
+        (["merge.ema_beta=0.5"], "merge.ema_beta: "),
+        (["merge.min_lr_ratio=1.5"], "merge.min_lr_ratio: "),
+        (["merge.every=0"], "merge.every: must be > 0"),
+        (["merge.online=false", "merge.save_dir=x"], "merge.save_dir: saving merged models"),
+        (["merge.snapshot_device=tpu"], "merge.snapshot_device: expected one of"),
+    ],
+)
+def test_online_merge_config_errors_name_the_key(overrides, message):
+    with pytest.raises(ConfigError) as err:
+        load_config(TINY, ["merge.online=true", *overrides])
+    assert str(err.value).startswith(message), str(err.value)
