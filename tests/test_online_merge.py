@@ -13,6 +13,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -64,6 +65,7 @@ def _train(overrides: list[str]) -> dict:
         "val_losses": result.val_losses,
         "merged_losses": result.merged_losses,
         "windows": {it: p.iterations for it, p in result.merge_points.items()},
+        "ring_rebuild": result.ring_rebuild,
         "coefficients": {it: p.weights.coefficients for it, p in result.merge_points.items()},
         "weights": {
             k: v.detach().numpy().copy()
@@ -171,6 +173,12 @@ def test_merged_evaluation_leaves_training_bitwise_unchanged(corpus_dir, tmp_pat
     assert merge_main([*argv, "--no-progress"]) == 0
     evaluated = run_distributed(_evaluate, 2, overrides, [str(offline)])[0][str(offline)]
     assert evaluated == {"iteration": 6, "val_loss": online[0]["merged_losses"][6]}
+
+    # A window checkpoint deleted by hand: the resumed run says so and merges what is there.
+    shutil.rmtree(iteration_dir(online_root, 4))
+    resumed = run_distributed(_train, 2, [*overrides, "train.train_iters=8"])[0]
+    assert resumed["ring_rebuild"] == ([], [4])
+    assert resumed["windows"] == {8: (6, 8)}
 
 
 def _nan_in_window(budget_gb: float) -> dict:

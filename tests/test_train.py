@@ -30,6 +30,7 @@ SMALL = [  # tiny-cpu, smaller still: 4 layers of width 64 on 32-token sequences
     "logging.wandb_mode=disabled",
     "corpus.vocab_size=512",
     "corpus.max_files=30",
+    "merge.online=false",  # tests/test_online_merge.py covers it
 ]
 
 

@@ -222,11 +222,14 @@ class OnlineMerge:
         return progress.iteration
 
     # ------------------------------------------------------------------ lifecycle
-    def rebuild(self, root: str | Path, resume_iteration: int) -> list[int]:
+    def rebuild(self, root: str | Path, resume_iteration: int) -> tuple[list[int], list[int]]:
         """Fill the ring with the window's checkpoints before ``resume_iteration`` from disk
-        (weights only, this rank's shard); the resumed checkpoint itself is added by
-        :meth:`on_resume`. Returns the iterations loaded. Call before loading the resume
-        checkpoint: the model's values are overwritten."""
+        (weights only, this rank's shard); :meth:`on_resume` adds the resumed one. Call before
+        loading the resume checkpoint: the model's values are overwritten.
+
+        Returns the iterations loaded and those of the window that are missing on disk (with
+        an iteration save interval: the saves an uninterrupted run would hold in its ring).
+        """
         older = [
             it
             for it in list_iterations(root)
@@ -238,7 +241,11 @@ class OnlineMerge:
             common = dist_checkpointing.load_common_state_dict(str(ckpt))
             samples = int(getattr(common["args"], "consumed_train_samples", 0))
             self.ring.take(it, self.position(Progress(it, samples)))
-        return older
+        interval = self.config.checkpoint.save_interval
+        if interval is None:
+            return older, []
+        saves = list(range(interval, resume_iteration, interval))[-(self.ring.capacity - 1) :]
+        return older, sorted(set(saves) - set(older))
 
     def on_resume(self, progress: Progress) -> None:
         """Add the resumed checkpoint (the live values just loaded) as the newest snapshot."""

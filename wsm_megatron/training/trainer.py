@@ -59,6 +59,8 @@ class TrainResult:
     merged_losses: dict[int, float] = field(default_factory=dict)
     """Validation loss of the online merge's merged model at each merge point."""
     merge_points: dict[int, MergePoint] = field(default_factory=dict)
+    ring_rebuild: tuple[list[int], list[int]] | None = None
+    """On resume with the online merge: the iterations loaded into the ring, and the missing."""
     lrs: dict[int, float] = field(default_factory=dict)
     """The LR each iteration applied."""
     resumed_from: int | None = None
@@ -179,8 +181,8 @@ def pretrain(config: WSMConfig) -> TrainResult:
     online = OnlineMerge(config, state.model) if config.merge.online else None
     if online is not None:
         logger.print(online.describe())
-    progress = _resume(config, checkpointer, online, logger)
-    result = TrainResult(progress=progress, state=state)
+    result = TrainResult(progress=Progress(), state=state)
+    progress = result.progress = _resume(config, checkpointer, online, logger, result)
     if progress.iteration:
         result.resumed_from = progress.iteration
     train_batches = build_train_iterator(
@@ -278,7 +280,11 @@ def pretrain(config: WSMConfig) -> TrainResult:
 
 
 def _resume(
-    config: WSMConfig, checkpointer: Checkpointer, online: OnlineMerge | None, logger: Any
+    config: WSMConfig,
+    checkpointer: Checkpointer,
+    online: OnlineMerge | None,
+    logger: Any,
+    result: TrainResult,
 ) -> Progress:
     """Resume from the newest checkpoint, first rebuilding the online merge's ring from the
     window's checkpoints on disk."""
@@ -286,10 +292,15 @@ def _resume(
     root = c.load_dir
     if online is not None and root is not None and not c.finetune and read_tracker(root):
         _, resume_iteration = resolve_checkpoint(root)
-        rebuilt = online.rebuild(root, resume_iteration)
+        rebuilt, missing = result.ring_rebuild = online.rebuild(root, resume_iteration)
         logger.print(
             f"  online merge: ring rebuilt from {root} (iterations {rebuilt + [resume_iteration]})"
         )
+        if missing:
+            logger.print(
+                f"  WARNING: online merge: the window's checkpoints {missing} are not under "
+                f"{root}; merges use the {len(rebuilt) + 1} present until the window refills"
+            )
     progress = checkpointer.load() or Progress()
     if progress.iteration:
         logger.print(
