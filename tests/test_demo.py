@@ -13,14 +13,19 @@ def test_metrics_curves_and_plot(tmp_path):
     records = [
         {"kind": "train", "iteration": 25, "loss": 6.0, "lr": 1e-3},
         {"kind": "train", "iteration": 50, "loss": 5.0, "lr": 1e-3},
-        {"kind": "valid", "iteration": 50, "loss": 5.2},
+        {"kind": "valid", "iteration": 25, "merged_loss": 5.9},  # a merge without a raw loss
+        {"kind": "valid", "iteration": 50, "loss": 5.2, "merged_loss": 5.1, "merge_first": 25},
         {"kind": "eval", "iteration": 50, "loss": 5.1},
     ]
     metrics = tmp_path / "metrics.jsonl"
     metrics.write_text("".join(json.dumps(r) + "\n" for r in records))
     curves = demo.read_metrics(metrics)
-    assert curves == {"train": [(25, 6.0), (50, 5.0)], "valid": [(50, 5.2)]}
-    demo.plot(tmp_path / "loss.png", curves, [25, 50], last_val=5.2, merged_val=5.1)
+    assert curves == {
+        "train": [(25, 6.0), (50, 5.0)],
+        "valid": [(50, 5.2)],
+        "merged": [(25, 5.9), (50, 5.1)],
+    }
+    demo.plot(tmp_path / "loss.png", curves, [25, 50])
     assert (tmp_path / "loss.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
@@ -49,5 +54,7 @@ def test_refuses_to_overwrite_and_reports_config_errors(tmp_path, capsys):
     assert demo.main(["--output", str(tmp_path / "new"), "train.lr=zero"]) == 2
     assert "wsm-demo: error: train.lr: expected a number" in capsys.readouterr().err
     assert demo.main(["--output", str(tmp_path / "new"), "merge.quantity=1"]) == 2
-    assert "merges >= 2 checkpoints" in capsys.readouterr().err
+    assert "merge.quantity: the online merge needs a window of at least 2" in (
+        capsys.readouterr().err
+    )
     assert not (tmp_path / "new").exists()

@@ -4,11 +4,14 @@
 
 1. builds the embedded corpus (Python's standard library source; cached),
 2. trains ``configs/tiny-cpu.yaml`` with TP=2 over two gloo processes (torchrun) at a constant LR
-   after warmup, saving a checkpoint every ``checkpoint.save_interval`` iterations,
-3. merges the newest ``merge.quantity`` checkpoints with ``wsm-merge``,
-4. evaluates the newest checkpoint and the merged model on the same validation batches,
+   after warmup, saving a checkpoint every ``checkpoint.save_interval`` iterations; at every
+   save the online merge forms the merged model of the newest ``merge.quantity`` checkpoints
+   shard by shard and evaluates it beside the raw model on the same validation batches,
+3. merges the newest checkpoints offline with ``wsm-merge`` and checks that its output is
+   bitwise the last online merge (so its validation loss is the last merged loss),
 
-then prints both losses, draws ``DIR/loss.png`` and writes ``DIR/results.json``. Extra arguments
+then prints both losses, draws ``DIR/loss.png`` (the raw and merged validation curves over the
+whole run) and writes ``DIR/results.json``. Extra arguments
 are config overrides (``train.lr=1e-2``...). Every command it runs is printed first, so each step
 can be repeated by hand.
 """
@@ -31,8 +34,8 @@ CONFIG = Path(str(importlib.resources.files("wsm_megatron.configs") / "tiny-cpu.
 OUTPUTS = (
     "checkpoints",
     "merged",
+    "online-merged",
     "metrics.jsonl",
-    "eval.json",
     "merge-report.json",
     "wandb",
     "results.json",
@@ -87,23 +90,20 @@ def torchrun(nproc: int, args: list[str]) -> list[str]:
 
 
 def read_metrics(path: Path) -> dict[str, list[tuple[int, float]]]:
-    """``{"train": [(iteration, loss)...], "valid": [...]}`` from the run's JSON lines."""
-    curves: dict[str, list[tuple[int, float]]] = {"train": [], "valid": []}
+    """``{"train": [(iteration, loss)...], "valid": [...], "merged": [...]}`` from the run's
+    JSON lines (``merged``: the online merge's validation loss at each merge point)."""
+    curves: dict[str, list[tuple[int, float]]] = {"train": [], "valid": [], "merged": []}
     for line in path.read_text().splitlines():
         record = json.loads(line)
-        if record["kind"] in curves:
+        if record["kind"] in ("train", "valid") and "loss" in record:
             curves[record["kind"]].append((record["iteration"], record["loss"]))
+        if record["kind"] == "valid" and "merged_loss" in record:
+            curves["merged"].append((record["iteration"], record["merged_loss"]))
     return curves
 
 
-def plot(
-    path: Path,
-    curves: dict[str, list[tuple[int, float]]],
-    merged_iterations: list[int],
-    last_val: float,
-    merged_val: float,
-) -> None:
-    """The loss curve with validation points, the merge window and the merged model's loss."""
+def plot(path: Path, curves: dict[str, list[tuple[int, float]]], window: list[int]) -> None:
+    """Training loss, the raw and the merged validation curves, and the last merge window."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -111,34 +111,28 @@ def plot(
 
     fig, ax = plt.subplots(figsize=(8, 4.8))
     for kind, style, label in (
-        ("train", dict(color="tab:blue", lw=1.2), "train loss (mean per log interval)"),
-        ("valid", dict(color="tab:orange", marker="o", ms=4), "validation loss"),
+        ("train", dict(color="tab:blue", lw=1.0, alpha=0.6), "train loss (mean per log interval)"),
+        ("valid", dict(color="tab:orange", marker="o", ms=3), "validation loss, newest checkpoint"),
+        ("merged", dict(color="tab:green", marker="*", ms=6), "validation loss, online merge"),
     ):
         if curves[kind]:
             xs, ys = zip(*curves[kind], strict=True)
             ax.plot(xs, ys, label=label, **style)
-    newest = merged_iterations[-1]
-    ax.axvspan(
-        merged_iterations[0], newest, color="tab:green", alpha=0.12, label="merged checkpoints"
-    )
-    ax.plot([newest], [last_val], "s", color="tab:orange", ms=8)
-    ax.plot(
-        [newest], [merged_val], "*", color="tab:green", ms=16, label=f"merged: {merged_val:.4f}"
-    )
-    ax.axhline(merged_val, color="tab:green", ls="--", lw=0.8)
+    ax.axvspan(window[0], window[-1], color="tab:green", alpha=0.12, label="last merge window")
     first = curves["valid"][0][0] if curves["valid"] else 0
-    values = [v for i, v in curves["train"] + curves["valid"] if i >= first]
-    values += [last_val, merged_val]
+    values = [v for kind in curves.values() for i, v in kind if i >= first]
     low, high = min(values), max(values)
     margin = 0.08 * (high - low) + 0.02
     ax.set_ylim(low - margin, high + 3 * margin)  # the warmup's initial losses are off the top
     ax.set_xlabel("iteration")
     ax.set_ylabel("loss (nats/token)")
-    ax.set_title(
-        f"WSM at constant LR: newest checkpoint {last_val:.4f} vs merged {merged_val:.4f} "
-        f"({len(merged_iterations)} checkpoints)",
-        fontsize=10,
-    )
+    if curves["valid"] and curves["merged"]:
+        raw, merged = curves["valid"][-1][1], curves["merged"][-1][1]
+        ax.set_title(
+            f"WSM at constant LR: newest checkpoint {raw:.4f} vs merged {merged:.4f} "
+            f"({len(window)} checkpoints)",
+            fontsize=10,
+        )
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
     fig.tight_layout()
@@ -171,16 +165,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         f"logging.metrics_file={out / 'metrics.jsonl'}",
         f"logging.wandb_dir={out}",
         f"corpus.cache_dir={Path(args.cache_dir).expanduser()}",
+        "merge.online=true",
+        f"merge.save_dir={out / 'online-merged'}",
         *args.overrides,
     ]
     try:
         config = load_config(args.config, overrides)
     except ConfigError as err:
         print(f"{PROG}: error: {err}", file=sys.stderr)
-        return 2
-    quantity = config.merge_quantity
-    if quantity is None or quantity < 2:
-        print(f"{PROG}: error: merge.quantity: the demo merges >= 2 checkpoints", file=sys.stderr)
         return 2
     if args.overwrite:
         import shutil
@@ -197,6 +189,8 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def _demo(args: argparse.Namespace, config: Any, out: Path, overrides: list[str]) -> int:
+    from wsm_megatron.layout import iteration_dir
+    from wsm_megatron.merge.readback import bitwise_differences
     from wsm_megatron.training.config import resolve_corpus
 
     ckpts, merged = out / "checkpoints", out / "merged"
@@ -208,7 +202,7 @@ def _demo(args: argparse.Namespace, config: Any, out: Path, overrides: list[str]
     start = time.perf_counter()
     timings: dict[str, float] = {}
 
-    print(f"[1/4] corpus: Python {sys.version.split()[0]} standard library", flush=True)
+    print(f"[1/3] corpus: Python {sys.version.split()[0]} standard library", flush=True)
     resolve_corpus(config)
     timings["corpus_s"] = time.perf_counter() - start
 
@@ -219,15 +213,20 @@ def _demo(args: argparse.Namespace, config: Any, out: Path, overrides: list[str]
         else f"{c.save_interval_tokens} tokens"
     )
     print(
-        f"[2/4] training {args.config} on {nproc} CPU processes: {t.train_iters} iterations at "
-        f"constant LR {t.lr:g} after {t.lr_warmup_iters} warmup, a checkpoint every {interval}",
+        f"[2/3] training {args.config} on {nproc} CPU processes: {t.train_iters} iterations at "
+        f"constant LR {t.lr:g} after {t.lr_warmup_iters} warmup, a checkpoint every {interval}, "
+        f"an online merge of the newest {quantity} at every save",
         flush=True,
     )
     step = time.perf_counter()
     _run(torchrun(nproc, ["--config", args.config, *overrides]), env)
     timings["train_s"] = time.perf_counter() - step
 
-    print(f"[3/4] merging the newest {quantity} checkpoints ({config.merge.schedule})", flush=True)
+    print(
+        f"[3/3] wsm-merge of the newest {quantity} checkpoints ({config.merge.schedule}), "
+        "checked against the last online merge",
+        flush=True,
+    )
     step = time.perf_counter()
     report_path = out / "merge-report.json"
     _run(
@@ -249,29 +248,31 @@ def _demo(args: argparse.Namespace, config: Any, out: Path, overrides: list[str]
         ],
         env,
     )
+    window = _merged_iterations(json.loads(report_path.read_text()))
+    compared, differ = bitwise_differences(
+        iteration_dir(merged, window[-1]), iteration_dir(out / "online-merged", window[-1])
+    )
     timings["merge_s"] = time.perf_counter() - step
-    merged_iterations = _merged_iterations(json.loads(report_path.read_text()))
-
-    print("[4/4] validation loss of the newest checkpoint and of the merged model", flush=True)
-    step = time.perf_counter()
-    eval_path = out / "eval.json"
-    evaluate_args = ["--evaluate", str(ckpts), str(merged), "--eval-output", str(eval_path)]
-    _run(torchrun(nproc, ["--config", args.config, *overrides, *evaluate_args]), env)
-    timings["eval_s"] = time.perf_counter() - step
-    evaluated = json.loads(eval_path.read_text())
-    last, merged_result = evaluated[str(ckpts)], evaluated[str(merged)]
+    if differ:
+        print(f"{PROG}: error: wsm-merge and the online merge differ in {differ}", file=sys.stderr)
+        return 1
 
     curves = read_metrics(out / "metrics.jsonl")
-    plot(out / "loss.png", curves, merged_iterations, last["val_loss"], merged_result["val_loss"])
+    plot(out / "loss.png", curves, window)
     timings["total_s"] = time.perf_counter() - start
-    gain = last["val_loss"] - merged_result["val_loss"]
+    (last_it, last_val), (merged_it, merged_val) = curves["valid"][-1], curves["merged"][-1]
+    assert last_it == merged_it == window[-1], (last_it, merged_it, window)
+    gain = last_val - merged_val
     results = {
-        "last_val_loss": last["val_loss"],
-        "merged_val_loss": merged_result["val_loss"],
+        "last_val_loss": last_val,
+        "merged_val_loss": merged_val,
         "merge_gain": gain,
-        "last_iteration": last["iteration"],
-        "merged_iterations": merged_iterations,
+        "last_iteration": last_it,
+        "merged_iterations": window,
         "merge_schedule": config.merge.schedule,
+        "offline_equals_online": {"tensors": compared, "bitwise_equal": True},
+        "valid_curve": curves["valid"],
+        "merged_curve": curves["merged"],
         "lr": t.lr,
         "lr_schedule": t.lr_schedule,
         "train_iters": t.train_iters,
@@ -284,14 +285,14 @@ def _demo(args: argparse.Namespace, config: Any, out: Path, overrides: list[str]
     }
     (out / "results.json").write_text(json.dumps(results, indent=1) + "\n")
     print(
-        f"\nnewest checkpoint (iteration {last['iteration']}): validation loss "
-        f"{last['val_loss']:.4f}\n"
-        f"merged {len(merged_iterations)} checkpoints ({merged_iterations[0]}..."
-        f"{merged_iterations[-1]}, {config.merge.schedule}): validation loss "
-        f"{merged_result['val_loss']:.4f}\n"
-        f"merge gain: {gain:+.4f} nats/token ({'better' if gain > 0 else 'not better'})\n"
-        f"wrote {out / 'results.json'} and {out / 'loss.png'} in "
-        f"{timings['total_s'] / 60:.1f} min",
+        f"\nwsm-merge output {iteration_dir(merged, window[-1])} is bitwise the online merge "
+        f"at iteration {window[-1]} ({compared} tensors)\n"
+        f"newest checkpoint (iteration {last_it}): validation loss {last_val:.4f}\n"
+        f"merged {len(window)} checkpoints ({window[0]}...{window[-1]}, "
+        f"{config.merge.schedule}): validation loss {merged_val:.4f}\n"
+        f"merge gain: {gain:+.4f} nats/token ({'better' if gain > 0 else 'not better'}); "
+        f"online merges at {len(curves['merged'])} saves, curves in {out / 'loss.png'}\n"
+        f"wrote {out / 'results.json'} in {timings['total_s'] / 60:.1f} min",
         flush=True,
     )
     return 0

@@ -30,6 +30,7 @@ from typing import Any
 import torch
 
 from wsm_megatron.layout import iteration_dir, write_tracker
+from wsm_megatron.merge.readback import load_dcp_tensors  # noqa: F401 - re-exported
 
 CONTENT_METADATA = {
     "distrib_optim_sharding_type": "fully_reshardable",
@@ -257,25 +258,6 @@ def write_dcp_checkpoint(
     if tracker:
         write_tracker(root, iteration)
     return ckpt_dir
-
-
-def load_dcp_tensors(
-    ckpt_dir: str | os.PathLike[str], keys: Sequence[str] | None = None
-) -> dict[str, torch.Tensor]:
-    """Global tensors of a DCP checkpoint (all, or ``keys``), loaded by DCP in this process."""
-    import torch.distributed.checkpoint as dcp
-    from torch.distributed.checkpoint.metadata import TensorStorageMetadata
-
-    reader = dcp.FileSystemReader(str(ckpt_dir))
-    metadata = reader.read_metadata().state_dict_metadata
-    wanted = keys if keys is not None else sorted(metadata)
-    state = {
-        key: torch.empty(tuple(metadata[key].size), dtype=metadata[key].properties.dtype)
-        for key in wanted
-        if isinstance(metadata[key], TensorStorageMetadata)
-    }
-    dcp.load(state, storage_reader=reader, no_dist=True)
-    return state
 
 
 def fp64_reference(
