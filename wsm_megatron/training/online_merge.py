@@ -269,7 +269,6 @@ class OnlineMerge:
         self.ring.fence()
 
     @contextmanager
-    @torch.no_grad()
     def merged(self, iteration: int) -> Iterator[MergePoint]:
         """Inside the block the model holds the merged values; afterwards, bitwise, the live
         ones. A non-finite merge is reported in the point (the model then holds live values)."""
@@ -296,6 +295,7 @@ class OnlineMerge:
             self._restore()
 
     # ------------------------------------------------------------------ merging
+    @torch.no_grad()
     def _combine(self, snapshots: list[Snapshot], coefficients: tuple[float, ...]) -> bool:
         """Write the merged values into the live tensors; whether any is non-finite (on any
         rank: the one value exchanged)."""
@@ -315,6 +315,7 @@ class OnlineMerge:
             dist.all_reduce(found, op=dist.ReduceOp.MAX)
         return bool(found.item())
 
+    @torch.no_grad()
     def _restore(self) -> None:
         """The live values back from the newest snapshot (they are what was just saved)."""
         newest = self.ring.entries[-1].tensors

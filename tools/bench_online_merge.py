@@ -1,0 +1,157 @@
+"""Benchmark the trainer's online merge: its cost per merge point against the training step.
+
+    python tools/bench_online_merge.py --config configs/tiny-cpu.yaml      # 1 process
+    torchrun --nproc-per-node 2 tools/bench_online_merge.py --config configs/tiny-cpu.yaml
+    torchrun --nproc-per-node 1 tools/bench_online_merge.py --config configs/gpt-125m.yaml \\
+        --interval 1000                                                     # on a GPU
+
+Builds the config's model and optimizer at its TP/PP layout (synthetic tokens, no data or
+tokenizer), times training steps, then the online merge's pieces on a full ring: taking a
+snapshot (copy of the rank's shard; on GPU asynchronous, so also the time until it is done),
+forming the merged values in the model, restoring the live values. Prints each, the ring's
+memory per rank, and the merge point's share of the training time of one save interval
+(``--interval`` iterations; default the config's), without and with the merged model's
+evaluation (``train.eval_iters`` forward batches, the same as one validation of the raw model).
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Iterator
+
+import torch
+
+
+def _parse() -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--config", required=True)
+    p.add_argument("--steps", type=int, default=10, help="timed training steps (after 2 warmup)")
+    p.add_argument("--repeats", type=int, default=5, help="timed merge points")
+    p.add_argument("--interval", type=int, help="save interval in iterations (default: config)")
+    p.add_argument("--vocab-size", type=int, default=50257, help="synthetic vocabulary")
+    p.add_argument("overrides", nargs="*", metavar="SECTION.KEY=VALUE")
+    return p.parse_args()
+
+
+def _sync() -> None:
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+
+
+def _time(fn: Callable[[], object], repeats: int) -> float:
+    """Median seconds of ``fn`` (synchronised on GPU)."""
+    times = []
+    for _ in range(repeats):
+        _sync()
+        start = time.perf_counter()
+        fn()
+        _sync()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def _batches(config, vocab: int) -> Iterator[dict[str, torch.Tensor]]:
+    g = torch.Generator().manual_seed(0)
+    shape = (config.train.micro_batch_size, config.seq_length)
+    while True:
+        tokens = torch.randint(0, vocab, shape, generator=g)
+        yield {
+            "tokens": tokens,
+            "labels": torch.roll(tokens, -1, 1),
+            "loss_mask": torch.ones(shape),
+            "position_ids": torch.arange(shape[1]).expand(shape),
+        }
+
+
+def main() -> int:
+    args = _parse()
+    from wsm_megatron.cli.train import _quiet_imports
+
+    _quiet_imports()
+    from megatron.core import parallel_state, tensor_parallel
+
+    from wsm_megatron.runtime import ParallelConfig, init_distributed
+    from wsm_megatron.training.config import load_config
+    from wsm_megatron.training.model import build_model
+    from wsm_megatron.training.online_merge import GIB, OnlineMerge
+    from wsm_megatron.training.optimizer import setup_model_and_optimizer
+    from wsm_megatron.training.steps import run_microbatches
+
+    with tempfile.TemporaryDirectory() as tmp:
+        config = load_config(
+            args.config,
+            [
+                f"checkpoint.save={tmp}",
+                "merge.online=true",
+                "corpus.name=null",
+                "data.train_data=[synthetic]",
+                *args.overrides,
+            ],
+        )
+    p = config.parallel
+    runtime = init_distributed(
+        ParallelConfig(p.tensor_model_parallel_size, p.pipeline_model_parallel_size)
+    )
+    tensor_parallel.model_parallel_cuda_manual_seed(config.train.seed)
+    state = setup_model_and_optimizer(build_model(config, args.vocab_size), config)
+    dp = parallel_state.get_data_parallel_world_size()
+    microbatches = config.train.global_batch_size // (config.train.micro_batch_size * dp)
+    batches = _batches(config, args.vocab_size)
+
+    def step(forward_only: bool = False) -> None:
+        for chunk in state.model:
+            chunk.zero_grad_buffer()
+        state.optimizer.zero_grad()
+        run_microbatches(
+            state.model,
+            batches,
+            num_microbatches=microbatches,
+            seq_length=config.seq_length,
+            micro_batch_size=config.train.micro_batch_size,
+            forward_only=forward_only,
+        )
+        if not forward_only:
+            state.optimizer.step()
+
+    _time(step, 2)
+    step_s = _time(step, args.steps)
+    eval_s = _time(lambda: [step(True) for _ in range(config.train.eval_iters)], 1)
+
+    online = OnlineMerge(config, state.model)
+    n = online.ring.capacity
+    for i in range(n):
+        online.ring.take(i + 1, i + 1)
+    take_s = _time(lambda: online.ring.take(n + 1, n + 1), args.repeats)
+    issue_s = _time(lambda: online.ring.take(n + 1, n + 1) or online.ring.fence(), args.repeats)
+    online.ring.ready()
+    merge_s = _time(lambda: online._combine(list(online.ring.entries), (1 / n,) * n), args.repeats)
+    restore_s = _time(online._restore, args.repeats)
+
+    interval = args.interval or config.checkpoint.save_interval or 1000
+    point = take_s + merge_s + restore_s
+    train_s = interval * step_s
+    if runtime.is_main:
+        device = torch.cuda.get_device_name() if torch.cuda.is_available() else "CPU"
+        print(
+            f"online merge benchmark: {args.config} on {runtime.world_size} rank(s), {device}\n"
+            f"  training step               {step_s * 1e3:10.1f} ms\n"
+            f"  ring                        {n} x {online.ring.snapshot_bytes / GIB:.4f} GiB "
+            f"= {online.ring_bytes / GIB:.4f} GiB per rank ({len(online.values)} tensors)\n"
+            f"  snapshot (copy, done)       {take_s * 1e3:10.2f} ms"
+            f"  (issue only: {issue_s * 1e3:.2f} ms)\n"
+            f"  merge {n} snapshots          {merge_s * 1e3:10.2f} ms\n"
+            f"  restore live values         {restore_s * 1e3:10.2f} ms\n"
+            f"  merged evaluation           {eval_s * 1e3:10.1f} ms "
+            f"({config.train.eval_iters} forward batches)\n"
+            f"  share of a {interval}-iteration interval: {100 * point / train_s:.3f} % "
+            f"(merge only), {100 * (point + eval_s) / train_s:.3f} % (with merged evaluation)"
+        )
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
