@@ -4,9 +4,10 @@
   :func:`wsm_megatron.testing.distributed.run_distributed`): a small bf16 GPTModel whose
   layernorms and position embeddings are fp32, saved with ``dist_checkpointing.save`` as
   Megatron-LM's ``generate_state_dict`` builds it (args, iteration, model, optimizer state, RNG
-  and rerun-machine objects, content metadata), plus an integer buffer and an ``_extra_state``
-  object that change with the iteration. Weights follow a seeded random walk, one step per
-  checkpoint. The tracker file is written after each save, as Megatron-LM does.
+  and rerun-machine objects, content metadata), plus an integer buffer that changes with the
+  iteration; the model's own ``_extra_state`` objects carry Transformer Engine payloads
+  (:func:`te_extra_state`). Weights follow a seeded random walk, one step per checkpoint.
+  The tracker file is written after each save, as Megatron-LM does.
 - :func:`write_dcp_checkpoint`: one process, a plain dict of tensors/objects saved with
   ``torch.distributed.checkpoint`` in Megatron-LM's layout (fast; for failure tests, benchmarks).
 - :func:`load_dcp_tensors`: every tensor of a checkpoint as a global tensor, read by DCP itself
@@ -21,6 +22,7 @@ import argparse
 import fcntl
 import json
 import os
+import pickle
 import shutil
 import zlib
 from collections.abc import Mapping, Sequence
@@ -43,7 +45,8 @@ TORCH_DIST_CONFIG = {
     "common_backend_version": 1,
 }
 INT_BUFFER_KEY = "decoder.wsm_test_token_counts"
-EXTRA_STATE_KEY = "decoder.wsm_test_fp8._extra_state"
+EXTRA_STATE_KEY = "decoder.layers.self_attention.linear_proj._extra_state"
+EMPTY_EXTRA_STATE_KEY = "decoder.layers.self_attention.linear_qkv._extra_state"
 WALK_STEP = 0.01
 
 
@@ -69,6 +72,47 @@ def megatron_args(**overrides: Any) -> argparse.Namespace:
     )
     args.update(overrides)
     return argparse.Namespace(**args)
+
+
+def te_extra_state(*seed: object, fp8: bool = True, amax_history_len: int = 1024) -> torch.Tensor:
+    """A Transformer Engine module's ``get_extra_state()``: ``pickle.dumps`` of its FP8 state in
+    a 1-D ``torch.uint8`` tensor (an empty one for a module that never ran in FP8, as in a bf16
+    run). The dict is TE 1.x's delayed-scaling state (scales, inverse scales, amax histories,
+    the picklable ``fp8_meta`` entries); TE 2.x adds a ``recipe`` object, left out here because
+    unpickling it needs TE. Megatron saves the tensor as a ``ShardedObject`` per layer; ``seed``
+    makes the values differ by iteration and layer."""
+    if not fp8:
+        return torch.empty(0, dtype=torch.uint8)
+    g = torch.Generator().manual_seed(_seed("te", *seed))
+    amax_fwd = torch.rand(amax_history_len, 3, generator=g) * 10
+    amax_bwd = torch.rand(amax_history_len, 2, generator=g)
+    scale_fwd, scale_bwd = 448.0 / amax_fwd.amax(0), 57344.0 / amax_bwd.amax(0)
+    state = {
+        "scale_fwd": scale_fwd,
+        "scale_inv_fwd": 1.0 / scale_fwd,
+        "amax_history_fwd": amax_fwd,
+        "scale_bwd": scale_bwd,
+        "scale_inv_bwd": 1.0 / scale_bwd,
+        "amax_history_bwd": amax_bwd,
+        "extra_fp8_variables": {
+            "num_gemms": 1,
+            "fp8_checkpoint": True,
+            "fp8_max_fwd": 448.0,
+            "fp8_max_bwd": 57344.0,
+            "first_module": False,
+        },
+    }
+    return torch.frombuffer(bytearray(pickle.dumps(state)), dtype=torch.uint8)
+
+
+def _sharded_objects(tree: Any) -> list[Any]:
+    from megatron.core.dist_checkpointing.mapping import ShardedObject
+
+    if isinstance(tree, ShardedObject):
+        return [tree]
+    if isinstance(tree, Mapping):
+        return [t for v in tree.values() for t in _sharded_objects(v)]
+    return []
 
 
 def _sharded_tensors(tree: Any) -> list[Any]:
@@ -97,9 +141,12 @@ def write_megatron_checkpoints(
     seq_length: int = 16,
     global_batch_size: int = 8,
     with_optimizer: bool = True,
+    consumed_samples: Sequence[int] | None = None,
 ) -> dict[str, Any]:
     """Save a checkpoint at each of ``iterations`` under ``root`` from every rank of a
-    ``tp x pp (x dp)`` job; initialises the parallel state if needed. Returns this rank's
+    ``tp x pp (x dp)`` job; initialises the parallel state if needed. ``consumed_samples``
+    (one per iteration) is saved as ``args.consumed_train_samples``, as Megatron-LM counts it
+    under a batch-size ramp-up (default: ``iteration x global_batch_size``). Returns this rank's
     ``(tp_rank, pp_rank)`` and the sharded keys it saved."""
     from megatron.core import dist_checkpointing, parallel_state
     from megatron.core.dist_checkpointing.mapping import ShardedObject, ShardedTensor
@@ -134,7 +181,9 @@ def write_megatron_checkpoints(
     walk: dict[tuple[str, tuple[int, ...]], torch.Tensor] = {}
     keys: list[str] = []
     root = Path(root)
-    for it in iterations:
+    if consumed_samples is None:
+        consumed_samples = [it * global_batch_size for it in iterations]
+    for it, consumed in zip(iterations, consumed_samples, strict=True):
         model_sd = model.sharded_state_dict()
         with torch.no_grad():
             for sh in _sharded_tensors(model_sd):
@@ -144,6 +193,10 @@ def write_megatron_checkpoints(
                 walk[where] = walk.get(where, sh.data.float()) + WALK_STEP * noise
                 sh.data.copy_(walk[where])
         counts = torch.arange(8, dtype=torch.int64) + 1000 * tp_rank + it
+        for sh in _sharded_objects(model_sd):  # the model's own TE extra-state objects
+            if sh.key.endswith("._extra_state"):
+                fp8 = sh.key != EMPTY_EXTRA_STATE_KEY
+                sh.data = te_extra_state(it, sh.key, sh.global_offset, fp8=fp8)
         state: dict[str, Any] = {
             "args": megatron_args(
                 seq_length=seq_length,
@@ -153,21 +206,12 @@ def write_megatron_checkpoints(
                 num_layers=num_layers,
                 hidden_size=hidden_size,
                 num_attention_heads=num_attention_heads,
-                consumed_train_samples=it * global_batch_size,
+                consumed_train_samples=consumed,
             ),
             "checkpoint_version": 3.0,
             "iteration": it,
             "num_floating_point_operations_so_far": 1.0e12 * it,
             "model": model_sd,
-            "wsm_test": {
-                "extra_state": ShardedObject(
-                    EXTRA_STATE_KEY,
-                    {"iteration": it, "amax_history": torch.full((4,), float(it))},
-                    (pp, tp),
-                    (pp_rank, tp_rank),
-                    replica_id=dp_rank,
-                ),
-            },
             "rng_state": ShardedObject(
                 "rng_state",
                 [{"torch_rng_state": torch.get_rng_state(), "iteration": it}],
@@ -187,7 +231,7 @@ def write_megatron_checkpoints(
             },
         }
         if pp_rank == 0:
-            state["wsm_test"]["token_counts"] = ShardedTensor.from_rank_offsets(
+            state["wsm_test"] = ShardedTensor.from_rank_offsets(
                 INT_BUFFER_KEY, counts, (0, tp_rank, tp), replica_id=dp_rank
             )
         if with_optimizer:
