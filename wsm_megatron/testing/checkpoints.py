@@ -8,6 +8,9 @@
   iteration; the model's own ``_extra_state`` objects carry Transformer Engine payloads
   (:func:`te_extra_state`). Weights follow a seeded random walk, one step per checkpoint.
   The tracker file is written after each save, as Megatron-LM does.
+- :func:`write_distributed_optimizer_checkpoints` (on ``tp x dp`` ranks): checkpoints of a real
+  training step with megatron-core's ``DistributedOptimizer`` in Megatron-LM's default
+  ``dp_reshardable`` format (flat fp32 buffers per bucket, per-group objects).
 - :func:`write_dcp_checkpoint`: one process, a plain dict of tensors/objects saved with
   ``torch.distributed.checkpoint`` in Megatron-LM's layout (fast; for failure tests, benchmarks).
 - :func:`load_dcp_tensors`: every tensor of a checkpoint as a global tensor, read by DCP itself
@@ -19,13 +22,14 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import fcntl
 import json
 import os
 import pickle
 import shutil
 import zlib
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -257,6 +261,99 @@ def write_megatron_checkpoints(
             write_tracker(root, it)
         keys = sorted({sh.key for sh in _sharded_tensors(state)})
     return {"tp_rank": tp_rank, "pp_rank": pp_rank, "dp": dp, "keys": keys}
+
+
+@contextlib.contextmanager
+def cuda_type_names() -> Iterator[None]:
+    """``Tensor.type()`` answers ``torch.cuda.<X>Tensor`` for CPU tensors inside the block.
+
+    megatron-core's ``DistributedOptimizer`` accepts parameters only by those type names; nothing
+    else in it needs a GPU. Test-only: the CPU layer of ``wsm_megatron.runtime`` leaves the
+    distributed optimizer to GPU runs, and these fixtures need its real checkpoint format."""
+    original = torch.Tensor.type
+
+    def type_(self: torch.Tensor, *args: Any, **kwargs: Any) -> Any:
+        if args or kwargs:
+            return original(self, *args, **kwargs)
+        return original(self).replace("torch.", "torch.cuda.", 1)
+
+    torch.Tensor.type = type_  # type: ignore[method-assign]
+    try:
+        yield
+    finally:
+        torch.Tensor.type = original  # type: ignore[method-assign]
+
+
+def distributed_optimizer_model(*, tp: int = 1, num_layers: int = 2) -> tuple[Any, Any, Any]:
+    """``(model, ddp, optimizer)``: a small bf16 GPT in ``Float16Module`` and Megatron DDP with
+    megatron-core's ``DistributedOptimizer`` (Adam, fp32 main weights, state sharded over the
+    data-parallel ranks), as Megatron-LM builds them; initialises the parallel state if needed.
+    Call the optimizer inside :func:`cuda_type_names`."""
+    from megatron.core import parallel_state
+    from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
+    from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
+    from megatron.core.transformer.module import Float16Module
+
+    from wsm_megatron.runtime import ParallelConfig, init_distributed
+    from wsm_megatron.testing.models import tiny_gpt
+
+    if not parallel_state.model_parallel_is_initialized():
+        init_distributed(ParallelConfig(tp, 1))
+    model = tiny_gpt(num_layers=num_layers, params_dtype=torch.bfloat16, seed=1234)
+    ddp_config = DistributedDataParallelConfig(
+        grad_reduce_in_fp32=True, use_distributed_optimizer=True
+    )
+    ddp = DistributedDataParallel(model.config, ddp_config, Float16Module(model.config, model))
+    config = OptimizerConfig(optimizer="adam", lr=1e-3, bf16=True, params_dtype=torch.bfloat16)
+    config.use_distributed_optimizer = True
+    with cuda_type_names():
+        optimizer = get_megatron_optimizer(config, [ddp])
+    return model, ddp, optimizer
+
+
+def write_distributed_optimizer_checkpoints(
+    root: str | os.PathLike[str],
+    iterations: Sequence[int],
+    *,
+    tp: int = 1,
+    sharding_type: str = "dp_reshardable",
+    num_layers: int = 2,
+) -> None:
+    """One training step per iteration (seeded random gradients) with
+    :func:`distributed_optimizer_model`, and a checkpoint at each of ``iterations``: model and
+    optimizer built by megatron-core's own ``sharded_state_dict`` in ``sharding_type``, as
+    Megatron-LM's ``save_checkpoint`` does."""
+    from megatron.core import dist_checkpointing
+
+    model, ddp, optimizer = distributed_optimizer_model(tp=tp, num_layers=num_layers)
+    rank = torch.distributed.get_rank()
+    metadata = {**CONTENT_METADATA, "distrib_optim_sharding_type": sharding_type}
+    for it in iterations:
+        g = torch.Generator().manual_seed(_seed("grad", rank, it))
+        for param in ddp.parameters():
+            param.main_grad.copy_(torch.randn(param.shape, generator=g))
+        with cuda_type_names():
+            optimizer.step()
+        model_sd = model.sharded_state_dict()  # Megatron-LM saves the unwrapped model
+        args = megatron_args(
+            tensor_model_parallel_size=tp, num_layers=num_layers, consumed_train_samples=8 * it
+        )
+        state: dict[str, Any] = {
+            "args": args,
+            "checkpoint_version": 3.0,
+            "iteration": it,
+            "model": model_sd,
+            "optimizer": optimizer.sharded_state_dict(model_sd, metadata=metadata),
+            "opt_param_scheduler": {"num_steps": 8 * it},
+        }
+        ckpt_dir = iteration_dir(root, it)
+        if rank == 0:
+            ckpt_dir.mkdir(parents=True)
+        torch.distributed.barrier()
+        dist_checkpointing.save(state, str(ckpt_dir), content_metadata=metadata)
+        torch.distributed.barrier()
+        if rank == 0:
+            write_tracker(root, it)
 
 
 def write_dcp_checkpoint(
