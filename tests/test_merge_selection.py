@@ -162,3 +162,38 @@ def test_batch_ramp_up_positions_shape_the_weights(tmp_path):
     # (iteration 200 is at or before the start, so the window is full) and picks 300, 400.
     result = merge(MergeConfig(input=root, output=tmp_path / "o2", window_tokens=30_000))
     assert [x["iteration"] for x in result.jobs[0].inputs] == [300, 400]
+
+
+# --- one weighting rule for wsm-coeffs and wsm-merge -------------------------------------------
+
+
+def test_ema_beta_means_the_same_in_wsm_coeffs_and_wsm_merge(tmp_path, capsys):
+    from wsm_megatron.cli.coeffs import main as coeffs_main
+    from wsm_megatron.testing.checkpoints import write_dcp_checkpoint
+
+    root = tmp_path / "in"
+    iterations = (10_000, 20_000, 30_000, 50_000)  # the save at 40,000 is missing
+    for it in iterations:
+        write_dcp_checkpoint(root, it, {"decoder.w": torch.full((3,), float(it))})
+    capsys.readouterr()
+    argv = ["--schedule", "ema", "--ema-beta", "0.5"]
+    positions = ",".join(str(it * 16 * 8) for it in iterations)  # seq_length x batch
+    assert coeffs_main([*argv, "--positions", positions, "--json"]) == 0
+    expected = json.loads(capsys.readouterr().out)["coefficients"]
+    out = tmp_path / "out"
+    assert main([*argv, "--input", str(root), "--output", str(out), "--last", "4"]) == 0
+    info = json.loads((iteration_dir(out, 50_000) / "merge_info.json").read_text())
+    assert [x["coefficient"] for x in info["inputs"]] == expected
+    assert min(expected) > 0.05  # no longer 0, 0, 0, 1
+    # Equal spacing: Figure 2's per-checkpoint EMA, 0.25, 0.25, 0.5.
+    assert main([*argv, "--input", str(root), "--output", str(tmp_path / "o3"), "--last", "3",
+                 "--end-iteration", "30000"]) == 0  # fmt: skip
+    info = json.loads((iteration_dir(tmp_path / "o3", 30_000) / "merge_info.json").read_text())
+    assert [x["coefficient"] for x in info["inputs"]] == pytest.approx([0.25, 0.25, 0.5])
+
+
+def test_weighting_on_one_checkpoint_is_one_line(tmp_path, capsys):
+    argv = ["--input", str(tmp_path), "--output", str(tmp_path / "o"), "--last", "3"]
+    assert main([*argv, "--min-lr-ratio", "1"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "of the mass on checkpoint" in err[0], err
