@@ -161,7 +161,7 @@ def _end_iteration(root: Path, selection: Selection, available: list[int]) -> in
     return end
 
 
-def _partial(root: Path, flag: str, needed: str, oldest: str, allow: bool) -> str:
+def _unfilled_window(root: Path, flag: str, needed: str, oldest: str, allow: bool) -> str:
     """The line for a window that the checkpoints on disk cannot fill; raised unless allowed."""
     text = f"{flag}: the window reaches back to {needed}, but the oldest checkpoint under {root} "
     text += f"is {oldest} (older ones missing or pruned)"
@@ -204,7 +204,7 @@ def select_checkpoints(root: Path, selection: Selection) -> Selected:
             chosen = [it for it in newest_first if it > start]
             if candidates[0] > start:
                 flag = f"--window-iters {selection.window_iters} ending at {end}"
-                partial = _partial(
+                partial = _unfilled_window(
                     root,
                     flag,
                     f"iteration {start}",
@@ -242,7 +242,7 @@ def _token_window(
         if positions[0] <= start:
             return [p.iteration for p, x in zip(points, positions, strict=True) if x > start], None
     flag = f"--window-tokens {selection.window_tokens} ending at iteration {end}"
-    partial = _partial(
+    partial = _unfilled_window(
         root,
         flag,
         f"token {start} ({source})",
