@@ -4,6 +4,7 @@ ranks and memory budgets, Megatron loading the output at other layouts, sweeps."
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import pickle
@@ -17,11 +18,13 @@ from wsm_megatron.layout import iteration_dir, read_tracker
 from wsm_megatron.merge import MergeConfig, merge
 from wsm_megatron.merge.contents import key_group
 from wsm_megatron.testing.checkpoints import (
+    EMPTY_EXTRA_STATE_KEY,
     EXTRA_STATE_KEY,
     INT_BUFFER_KEY,
     fp64_reference,
     load_dcp_tensors,
     shared_megatron_checkpoints,
+    te_extra_state,
 )
 from wsm_megatron.testing.distributed import run_distributed
 from wsm_megatron.theory import merge_weights
@@ -104,7 +107,15 @@ def test_merge_matches_fp64_reference(ckpts, merged):
     # Objects (TE _extra_state and the like) are copied byte for byte from the newest input.
     objects, newest_objects = _objects(out), _objects(iteration_dir(ckpts, 500))
     assert objects == {k: v for k, v in newest_objects.items() if key_group(k) == "model"}
-    assert any(k.startswith(EXTRA_STATE_KEY) for k in objects)
+    # Transformer Engine's format: a uint8 tensor of pickled FP8 state (empty without FP8).
+    key = f"{EXTRA_STATE_KEY}/shard_3_4"  # the last layer's
+    (payload,) = torch.load(io.BytesIO(objects[key]), weights_only=True)  # megatron: [data]
+    assert payload.dtype == torch.uint8 and payload.dim() == 1
+    state = pickle.loads(payload.numpy().tobytes())
+    expected = pickle.loads(te_extra_state(500, EXTRA_STATE_KEY, (3,)).numpy().tobytes())
+    assert torch.equal(state["amax_history_fwd"], expected["amax_history_fwd"])
+    (empty,) = torch.load(io.BytesIO(objects[f"{EMPTY_EXTRA_STATE_KEY}/shard_0_4"]))
+    assert empty.dtype == torch.uint8 and empty.numel() == 0
     assert not any(k.startswith(("rng_state", "rerun_state_machine")) for k in objects)
 
     common = torch.load(out / "common.pt", weights_only=False)

@@ -181,11 +181,13 @@ def test_output_dtype_overflow_fails_closed(tmp_path, capsys):
     """Finite inputs whose merge does not fit --output-dtype: an error, not a file of Inf."""
     root, out = tmp_path / "in", tmp_path / "out"
     for it in (100, 200):
-        write_dcp_checkpoint(root, it, {"big": torch.full((3, 5), 7.0e4), "w": torch.ones(4)})
+        write_dcp_checkpoint(
+            root, it, {"decoder.big": torch.full((3, 5), 7.0e4), "decoder.w": torch.ones(4)}
+        )
     capsys.readouterr()
     message = _fail(capsys, ["--input", str(root), "--output", str(out), "--last", "2",
                              "--output-dtype", "fp16"])  # fmt: skip
-    assert "tensor 'big'" in message and "overflow torch.float16" in message, message
+    assert "tensor 'decoder.big'" in message and "overflow torch.float16" in message, message
     assert not out.exists()
 
 
@@ -253,7 +255,7 @@ def big(tmp_path_factory) -> Path:
     for i, it in enumerate((1000, 2000, 3000, 4000)):
         g = torch.Generator().manual_seed(i)
         tensors = {
-            f"layer{n}.weight": torch.randn(3 * 2**20, generator=g).view(1536, 2048)
+            f"decoder.layer{n}.weight": torch.randn(3 * 2**20, generator=g).view(1536, 2048)
             for n in range(4)
         }
         tensors["embedding.weight"] = torch.randn(2**23, generator=g).view(4096, 2048).bfloat16()

@@ -188,7 +188,7 @@ def test_common_state_embedded_as_newer_megatron_core_saves_it(tmp_path):
     root, out = tmp_path / "in", tmp_path / "out"
     args = megatron_args(seq_length=10, global_batch_size=5)
     for it in (100, 200, 300):
-        tensors = {"w": torch.full((4,), float(it))}
+        tensors = {"decoder.w": torch.full((4,), float(it))}
         write_dcp_checkpoint(root, it, tensors, args=args, embedded_common=True)
         assert not (iteration_dir(root, it) / "common.pt").exists()
     result = merge(MergeConfig(input=root, output=out, window_tokens=200 * 50, schedule="linear"))
@@ -198,9 +198,9 @@ def test_common_state_embedded_as_newer_megatron_core_saves_it(tmp_path):
     common = dist_checkpointing.load_common_state_dict(str(merged))
     assert common["iteration"] == 300 and common["args"].seq_length == 10
     assert common["wsm_merge"]["inputs"][0]["iteration"] == 200
-    assert torch.equal(load_dcp_tensors(merged)["w"], torch.full((4,), 250.0))
+    assert torch.equal(load_dcp_tensors(merged)["decoder.w"], torch.full((4,), 250.0))
 
-    bare = write_dcp_checkpoint(root, 400, {"w": torch.zeros(4)})
+    bare = write_dcp_checkpoint(root, 400, {"decoder.w": torch.zeros(4)})
     (bare / "common.pt").unlink()
     with pytest.raises(MergeError, match="iter_0000400: missing common.pt"):
         merge(MergeConfig(input=root, output=tmp_path / "out2", last=2))
@@ -365,12 +365,23 @@ def test_key_classification():
     assert key_group("rng_state/shard_0.1_2.2") == "run_state"
     assert key_group("rerun_state_machine_state/shard_0.0_1.1") == "run_state"
     assert is_extra_state("decoder.layers.mlp.linear_fc1._extra_state/shard_0_4")
-    policy = ContentPolicy(copy_from_newest=("*.router.expert_bias",))
-    assert policy.tensor_kind("a.weight", torch.bfloat16) == AVERAGE
+    policy = ContentPolicy(copy_from_newest=("decoder.layers.1.*",), average=("foo.*",))
+    assert policy.tensor_kind("decoder.layers.0.mlp.linear_fc1.weight", torch.bfloat16) == AVERAGE
+    assert policy.tensor_kind("decoder.layers.1.mlp.linear_fc1.weight", torch.bfloat16) == COPY
     assert policy.tensor_kind("a.counts", torch.int64) == COPY
-    assert policy.tensor_kind("mlp.router.expert_bias", torch.float32) == COPY
-    with pytest.raises(MergeError, match="--copy-from-newest"):
-        policy.tensor_kind("fp8.weight", torch.float8_e4m3fn)
+    assert policy.tensor_kind("foo.scale", torch.float32) == AVERAGE
+    assert policy.tensor_kind("optimizer.state.exp_avg.decoder.w", torch.float32) == AVERAGE
+    # A MoE router's expert_bias is load-balancing state, not a trained weight: newest's.
+    bias = "decoder.layers.mlp.router.expert_bias"
+    assert policy.tensor_kind(bias, torch.float32) == COPY
+    assert ContentPolicy(average=("*.expert_bias",)).tensor_kind(bias, torch.float32) == AVERAGE
+    with pytest.raises(MergeError, match=r"'bar'.*--average 'bar\.\*'.*--copy-from-newest 'bar"):
+        policy.tensor_kind("bar.scale", torch.float32)
+    with pytest.raises(MergeError, match="leaving that tensor unmerged"):
+        policy.tensor_kind("decoder.fp8.weight", torch.float8_e4m3fn)
+    policy.check_object("optimizer.distributed.dp_group_idx_0.optimizer/shard_0_1")  # copied
+    with pytest.raises(MergeError, match="--dist-ckpt-optim-fully-reshardable"):
+        policy.check_object("optimizer.distributed.dp_group_idx_0.param_state/shard_0_1")
     assert not policy.include("optimizer.state.exp_avg.x") and not policy.include("rng_state")
     common = policy.common_state(
         {

@@ -174,7 +174,7 @@ def test_min_lr_floor_linear_by_hand():
 
 
 @pytest.mark.parametrize("schedule", ALL)
-@pytest.mark.parametrize("r", [0.0, 0.05, 0.3, 1.0])
+@pytest.mark.parametrize("r", [0.0, 0.05, 0.3, 0.999])
 def test_min_lr_floor(schedule, r):
     mw = merge_weights(schedule, 8, min_lr_ratio=r)
     base = schedule_decay(schedule, 8)
@@ -224,28 +224,44 @@ def test_gap_by_hand():
     assert sq.coefficients[-1] == pytest.approx(coeffs("minus-sqrt", 4)[-1], abs=1e-15)
 
 
-def test_ema_beta_per_unit_position():
-    # Without positions beta is per checkpoint; with unit spacing it is the same, bitwise.
-    assert merge_weights("ema", 6, ema_beta=0.7) == merge_weights(
-        "ema", positions=[5, 6, 7, 8, 9, 10], ema_beta=0.7
-    )
-    # Paper formula for a per-checkpoint beta.
+def test_ema_beta_per_checkpoint_and_per_average_spacing():
+    # beta is per checkpoint, as in Figure 2 and wsm-coeffs: the paper's formula ...
     b, n = 0.7, 6
     expect = [b ** (n - 1)] + [(1 - b) * b ** (n - 1 - j) for j in range(1, n)]
     assert coeffs("ema", n, ema_beta=b) == pytest.approx(expect, abs=1e-15)
-    # Spacing 100 with beta per unit = beta_ckpt^(1/100) gives the per-checkpoint result.
-    pos = [100 * i for i in range(n)]
-    got = merge_weights("ema", positions=pos, ema_beta=b ** (1 / 100)).coefficients
-    assert got == pytest.approx(expect, abs=1e-12)
-    # Irregular: w_i = 1 - beta^(T - p_i) with T = 4 + 4/3.
+    assert coeffs("ema", 3, ema_beta=0.5) == pytest.approx([0.25, 0.25, 0.5], abs=1e-15)
+    # ... bitwise the same for any equal spacing, in any unit (iterations, samples, tokens).
+    for pos in (
+        [5, 6, 7, 8, 9, 10],
+        [100 * i for i in range(n)],
+        [4e12 + 2e9 * i for i in range(n)],
+    ):
+        assert merge_weights("ema", positions=pos, ema_beta=b) == merge_weights(
+            "ema", n, ema_beta=b
+        )
+    # Irregular: beta per average spacing (4/3 here), w_i = 1 - beta^((T - p_i)/spacing).
     pos, b = [0, 1, 2, 4], 0.5
     w = merge_weights("ema", positions=pos, ema_beta=b).decay
-    assert w == pytest.approx([1 - b ** (16 / 3 - p) for p in pos[1:]], abs=1e-15)
+    assert w == pytest.approx([1 - b ** ((16 / 3 - p) * 3 / 4) for p in pos[1:]], abs=1e-15)
+    scaled = merge_weights("ema", positions=[1000 * p for p in pos], ema_beta=b)
+    assert scaled.coefficients == pytest.approx(
+        merge_weights("ema", positions=pos, ema_beta=b).coefficients, abs=1e-15
+    )
 
 
-def test_ema_beta_underflow_takes_newest():
+def test_weighting_on_one_checkpoint_refused():
+    # The case: wsm-merge gave 0, 0, 1 for --ema-beta 0.5 at spacing 10,000.
     mw = merge_weights("ema", positions=[0, 10_000, 20_000], ema_beta=0.5)
-    assert mw.coefficients == (0.0, 0.0, 1.0)
+    assert mw.coefficients == pytest.approx([0.25, 0.25, 0.5])
+    for kwargs in (
+        {"schedule": "ema", "num_checkpoints": 3, "ema_beta": 1e-7},
+        {"schedule": "linear", "num_checkpoints": 4, "min_lr_ratio": 1.0},
+        {"decay": [0.0, 0.0]},  # everything on the oldest
+    ):
+        with pytest.raises(MergeWeightsError, match="of the mass on checkpoint"):
+            merge_weights(**kwargs)
+    # Explicit raw weights are the user's choice.
+    assert merge_weights(weights=[0.0, 0.0, 1.0]).coefficients == (0.0, 0.0, 1.0)
 
 
 def test_positions_with_decay_or_weights_only_checked():
@@ -268,6 +284,7 @@ def test_config_normalises():
     ("kwargs", "param", "fragment"),
     [
         ({"weights": [0.5, -0.1, 0.6]}, "weights", "non-negative"),
+        ({"weights": [0.5, math.nan, 0.5]}, "weights", "finite numbers, got c_1 = nan"),
         ({"weights": [0.5, 0.4]}, "weights", "sum 0.9"),
         ({"weights": [1.0]}, "num_checkpoints", "at least 2"),
         ({"decay": [0.5, 0.7]}, "decay", "non-increasing"),

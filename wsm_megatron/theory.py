@@ -31,6 +31,10 @@ from fractions import Fraction
 SUM_TOLERANCE = 1e-6
 """Largest accepted ``|Σ c_j - 1|`` for raw weights."""
 
+CONCENTRATION_LIMIT = 1.0 - 1e-6
+"""A derived weighting (schedule or decay) that puts at least this share of the mass on one
+checkpoint is refused: the "merge" would be that checkpoint alone."""
+
 EMA_WINDOW_DECAY = 0.1
 """Default EMA decay over the whole window, ``β^n = 0.1`` (``β = 0.1^{1/n}``, paper Figure 2)."""
 
@@ -192,8 +196,10 @@ def schedule_decay(
     """Emulated decay ``w_1..w_{n-1}`` of a named schedule, ``w_i = r + (1 - r) f(t_i)``.
 
     ``n`` may be omitted when ``positions`` are given. ``ema_beta`` (``ema`` only) is the EMA
-    factor per checkpoint without positions, per unit position with them; the window decay is
-    ``B = β^{T - p_0}`` (``β^n`` without positions), so ``w_i = 1 - β^{T - p_i}``. Default:
+    factor per checkpoint (the paper's Figure 2); with irregular positions it is the factor per
+    *average spacing* ``Δ = (p_{n-1} - p_0)/(n-1)``, so the window decay is ``B = β^n`` either
+    way and ``w_i = 1 - β^{(T - p_i)/Δ}``: equal spacing gives exactly Figure 2's coefficients,
+    and scaling the positions (iterations, samples or tokens) changes nothing. Default:
     ``B = 0.1``. The floor ``r`` applies to the emulated decay of every schedule, EMA included.
     """
     key = canonical_schedule(name)
@@ -213,7 +219,7 @@ def schedule_decay(
             raise MergeWeightsError("ema_beta", f"ema_beta applies to 'ema' only, not {key!r}")
         if not 0.0 < ema_beta < 1.0:
             raise MergeWeightsError("ema_beta", f"EMA beta must be in (0, 1), got {ema_beta}")
-        window_decay = ema_beta ** window_span(n, positions)
+        window_decay = ema_beta**n
     f = schedule_function(key, min_lr_ratio=min_lr_ratio, ema_window_decay=window_decay)
     return [f(t) for t in times]
 
@@ -242,6 +248,19 @@ def _check_decay(w: Sequence[float]) -> None:
             )
 
 
+def check_spread(coefficients: Sequence[float], param: str) -> None:
+    """Refuse a derived weighting that puts >= :data:`CONCENTRATION_LIMIT` of the mass on one
+    checkpoint (explicit raw weights are not checked: the user asked for them)."""
+    j = max(range(len(coefficients)), key=lambda i: coefficients[i])
+    if len(coefficients) > 1 and coefficients[j] >= CONCENTRATION_LIMIT:
+        raise MergeWeightsError(
+            param,
+            f"the weighting puts {coefficients[j]:.7f} of the mass on checkpoint {j} of "
+            f"{len(coefficients)}: the merge would be that checkpoint alone (choose a larger "
+            "EMA beta or a lower min LR ratio, or give the weights explicitly)",
+        )
+
+
 def decay_from_coefficients(coeffs: Sequence[float]) -> list[float]:
     """Inverse map: the emulated decay ``w_i = Σ_{j>=i} c_j``, i = 1..n-1.
 
@@ -250,7 +269,9 @@ def decay_from_coefficients(coeffs: Sequence[float]) -> list[float]:
     c = [float(x) for x in coeffs]
     _check_count(len(c))
     for j, x in enumerate(c):
-        if not x >= 0.0:
+        if not math.isfinite(x):
+            raise MergeWeightsError("weights", f"weights must be finite numbers, got c_{j} = {x}")
+        if x < 0.0:
             raise MergeWeightsError("weights", f"weights must be non-negative, got c_{j} = {x}")
     total = math.fsum(c)
     if abs(total - 1.0) > SUM_TOLERANCE:
@@ -354,7 +375,9 @@ class MergeWeightsConfig:
             _check_decay(self.decay)  # the given decay, before the floor
             r = self.min_lr_ratio
             decay = [r + (1.0 - r) * w for w in self.decay] if r else list(self.decay)
-        return MergeWeights(tuple(coefficients_from_decay(decay)), tuple(decay))
+        coefficients = coefficients_from_decay(decay)
+        check_spread(coefficients, "schedule" if self.schedule is not None else "decay")
+        return MergeWeights(tuple(coefficients), tuple(decay))
 
     def continuous_schedule(self) -> Callable[[float], float] | None:
         """The continuous emulated schedule on [0, 1] (``None`` for decay/weights)."""
@@ -362,7 +385,7 @@ class MergeWeightsConfig:
             return None
         window_decay = EMA_WINDOW_DECAY
         if self.ema_beta is not None:
-            window_decay = self.ema_beta ** window_span(self.num_checkpoints, self.positions)
+            window_decay = self.ema_beta**self.num_checkpoints
         return schedule_function(
             self.schedule, min_lr_ratio=self.min_lr_ratio, ema_window_decay=window_decay
         )

@@ -84,7 +84,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--ema-beta",
         type=float,
         metavar="B",
-        help="EMA factor per checkpoint, or per unit position with --positions "
+        help="EMA factor per checkpoint, per average spacing with irregular --positions "
         "(default: decay 0.1 over the window, i.e. 0.1^(1/n) per checkpoint)",
     )
     parser.add_argument(

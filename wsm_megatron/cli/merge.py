@@ -77,7 +77,13 @@ def build_parser() -> argparse.ArgumentParser:
         "--tokens-per-iter",
         type=int,
         metavar="N",
-        help="tokens per iteration (default: seq_length x global_batch_size from saved args)",
+        help="token positions = iteration x N (default: each checkpoint's consumed samples "
+        "x seq_length from its saved args)",
+    )
+    sel.add_argument(
+        "--allow-partial-window",
+        action="store_true",
+        help="merge a window that the checkpoints on disk cannot fill (else an error)",
     )
     w = p.add_argument_group("weights")
     w.add_argument(
@@ -85,7 +91,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     w.add_argument("--weights", type=_float_list, metavar="C0,...", help="raw, oldest first")
     w.add_argument("--min-lr-ratio", type=float, default=0.0, metavar="R")
-    w.add_argument("--ema-beta", type=float, metavar="B", help="EMA factor per checkpoint")
+    w.add_argument(
+        "--ema-beta",
+        type=float,
+        metavar="B",
+        help="EMA factor per checkpoint (per average spacing when irregular)",
+    )
     p.add_argument(
         "--sweep",
         nargs="+",
@@ -106,7 +117,15 @@ def build_parser() -> argparse.ArgumentParser:
         action="append",
         default=[],
         metavar="GLOB",
-        help="copy matching tensors from the newest checkpoint instead of averaging (repeatable)",
+        help="copy matching tensors from the newest checkpoint instead of averaging "
+        "(repeatable; wins over --average)",
+    )
+    n.add_argument(
+        "--average",
+        action="append",
+        default=[],
+        metavar="GLOB",
+        help="average matching floating tensors outside Megatron's model roots (repeatable)",
     )
     r = p.add_argument_group("resources and output")
     r.add_argument(
@@ -160,6 +179,8 @@ def config_from_args(args: argparse.Namespace) -> MergeConfig:
         keep_optimizer=args.keep_optimizer,
         keep_rng=args.keep_rng,
         copy_from_newest=args.copy_from_newest,
+        average=args.average,
+        allow_partial_window=args.allow_partial_window,
         memory_budget_mb=args.memory_budget_mb,
         io_threads=args.io_threads,
         threads=args.threads,
@@ -179,7 +200,11 @@ def _summary(result) -> str:
     for job in result.jobs:
         coeffs = ", ".join(f"{c:.4f}" for c in job.coefficients)
         its = ",".join(str(x["iteration"]) for x in job.inputs)
+        pos = ",".join(str(x["position"]) for x in job.inputs)
         lines.append(f"{PROG}: wrote {job.output} from iterations {its} (c = {coeffs})")
+        lines.append(f"{PROG}: positions {pos} {job.position_unit} ({job.position_source})")
+        if job.partial_window:
+            lines.append(f"{PROG}: warning: partial window: {job.partial_window}")
     lines.append(
         f"{PROG}: {result.seconds:.1f} s on {result.ranks} rank(s), read {gib:.2f} GiB at "
         f"{result.read_throughput_mib_s:.0f} MiB/s, peak RSS {result.peak_rss_mib:.0f} MiB/rank "

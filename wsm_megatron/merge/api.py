@@ -127,11 +127,13 @@ class _Prepared:
 
 
 def _prepare(config: MergeConfig, world_size: int) -> _Prepared:
-    policy = ContentPolicy(config.keep_optimizer, config.keep_rng, config.copy_from_newest)
+    policy = ContentPolicy(
+        config.keep_optimizer, config.keep_rng, config.copy_from_newest, config.average
+    )
     jobs = config.jobs()
     selections = [select_checkpoints(config.input, job.selection) for job in jobs]
     weights = [
-        job.weighting.resolve(sel.iterations) for job, sel in zip(jobs, selections, strict=True)
+        job.weighting.resolve(sel.positions) for job, sel in zip(jobs, selections, strict=True)
     ]
     if config.report is not None and not config.report.parent.is_dir():
         raise MergeError(f"--report: directory {config.report.parent} does not exist")
@@ -255,9 +257,17 @@ def _job_report(prepared: _Prepared, j: int) -> JobReport:
         output=str(iteration_dir(job.output_root, sel.iterations[-1])),
         iteration=sel.iterations[-1],
         inputs=[
-            {"iteration": it, "path": str(iteration_dir(config.input, it)), "coefficient": c}
-            for it, c in zip(sel.iterations, w.coefficients, strict=True)
+            {
+                "iteration": it,
+                "path": str(iteration_dir(config.input, it)),
+                "position": p,
+                "coefficient": c,
+            }
+            for it, p, c in zip(sel.iterations, sel.positions, w.coefficients, strict=True)
         ],
+        position_unit=sel.position_unit,
+        position_source=sel.position_source,
+        partial_window=sel.partial_window,
         coefficients=list(w.coefficients),
         emulated_decay=list(w.decay),
         schedule=job.weighting.schedule,
@@ -287,6 +297,9 @@ def _merge_info(prepared: _Prepared, j: int, counts: dict[str, Any]) -> dict[str
             "mode": job.selection.label(),
             "end_iteration": sel.end_iteration,
             "tokens_per_iter": sel.tokens_per_iter,
+            "position_unit": sel.position_unit,
+            "position_source": sel.position_source,
+            "partial_window": sel.partial_window,
         },
         "accumulate_dtype": config.accumulate_dtype,
         "output_dtype": config.output_dtype,

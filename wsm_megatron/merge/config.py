@@ -47,6 +47,7 @@ _FLAG = {
     "positions": "--iterations",
     "min_lr_ratio": "--min-lr-ratio",
     "ema_beta": "--ema-beta",
+    "allow_partial_window": "--allow-partial-window",
 }
 _TOKEN_SUFFIX = {"": 1, "K": 10**3, "M": 10**6, "B": 10**9, "G": 10**9, "T": 10**12}
 
@@ -79,7 +80,8 @@ def format_token_count(tokens: int) -> str:
 class Selection:
     """Which checkpoints: exactly one of ``iterations``, ``last``, ``window_iters``,
     ``window_tokens``; the window ends at ``end_iteration`` (default: the tracker's iteration)
-    and ``every`` keeps every k-th checkpoint counting back from the newest."""
+    and ``every`` keeps every k-th checkpoint counting back from the newest. A window that the
+    checkpoints on disk cannot fill is refused unless ``allow_partial_window``."""
 
     iterations: tuple[int, ...] | None = None
     last: int | None = None
@@ -88,6 +90,7 @@ class Selection:
     end_iteration: int | None = None
     every: int = 1
     tokens_per_iter: int | None = None
+    allow_partial_window: bool = False
 
     def __post_init__(self) -> None:
         modes = [m for m in SELECTION_MODES if getattr(self, m) is not None]
@@ -164,7 +167,8 @@ class Weighting:
             object.__setattr__(self, "schedule", checked.schedule)
 
     def resolve(self, positions: Sequence[int]) -> MergeWeights:
-        """Coefficients for checkpoints at ``positions`` (iterations, oldest first)."""
+        """Coefficients for checkpoints at ``positions`` (oldest first): iterations, consumed
+        samples or tokens; scaling all positions by one factor leaves them unchanged."""
         if self.weights is not None and len(self.weights) != len(positions):
             raise MergeError(
                 f"--weights gives {len(self.weights)} weights but {len(positions)} checkpoints "
@@ -306,6 +310,8 @@ class MergeConfig:
     keep_optimizer: bool = False
     keep_rng: bool = False
     copy_from_newest: Sequence[str] = ()
+    average: Sequence[str] = ()
+    allow_partial_window: bool = False
     # Resources, output handling, reporting.
     memory_budget_mb: float = DEFAULT_MEMORY_BUDGET_MB
     io_threads: int = 2
@@ -325,6 +331,7 @@ class MergeConfig:
             self.weights = tuple(self.weights)
         self.sweep = tuple(self.sweep)
         self.copy_from_newest = tuple(self.copy_from_newest)
+        self.average = tuple(self.average)
         if self.accumulate_dtype not in ACCUMULATE_DTYPES:
             raise MergeError(
                 f"--accumulate-dtype must be one of {', '.join(ACCUMULATE_DTYPES)}, "
@@ -347,6 +354,9 @@ class MergeConfig:
                 "the training run's checkpoint root"
             )
         self._jobs = self._resolve_jobs()
+        windows = [j for j in self._jobs if j.selection.window_iters or j.selection.window_tokens]
+        if self.allow_partial_window and not windows:
+            raise MergeError("--allow-partial-window applies to --window-iters/--window-tokens")
 
     @property
     def accumulate_torch_dtype(self) -> torch.dtype:
@@ -367,7 +377,13 @@ class MergeConfig:
     def _base_selection(self) -> dict[str, Any]:
         return {
             name: getattr(self, name)
-            for name in (*SELECTION_MODES, "end_iteration", "every", "tokens_per_iter")
+            for name in (
+                *SELECTION_MODES,
+                "end_iteration",
+                "every",
+                "tokens_per_iter",
+                "allow_partial_window",
+            )
         }
 
     def _base_weighting(self) -> dict[str, Any]:

@@ -1,15 +1,25 @@
 """What the merged checkpoint contains: which stored items are averaged, which are copied from
 the newest input, which are left out, and the common (non-sharded) state.
 
-- Averaged: floating-point tensors of the model (fp32, bf16, fp16, fp64).
+- Averaged: floating-point model tensors under the roots Megatron writes model weights under
+  (:data:`MODEL_ROOTS`: ``embedding``, ``decoder``, ``output_layer``, ...), and those matched
+  by ``average`` patterns.
 - Copied from the newest input: non-floating tensors (integer buffers, counters), Transformer
   Engine ``_extra_state`` (FP8 scaling metadata, stored as objects), every other stored object,
-  and tensors matched by ``copy_from_newest`` patterns (e.g. a MoE router's ``expert_bias``).
+  known non-weight state (:data:`STATE_PATTERNS`: a MoE router's ``expert_bias``, set by the
+  load-balancing rule, not trained), and tensors matched by ``copy_from_newest`` patterns
+  (which win over ``average``).
+- Refused: a floating tensor under any other root (``foo.scale``): the user decides with
+  ``--average`` or ``--copy-from-newest``, as Megatron-LM's own merge tool refuses what it does
+  not recognise; a floating dtype the kernels cannot average (FP8).
 - Left out by default: optimizer state (keys ``optimizer.*``, ``chained_N.optimizer.*``) and run
   state (``rng_state``, ``rerun_state_machine_state``); the saved args then say
   ``no_save_optim``/``no_save_rng``, as Megatron-LM's own model-only checkpoints do.
-  ``keep_optimizer`` averages the optimizer's tensors (fp32 main weights and moments) with the
-  same coefficients; ``keep_rng`` copies the run state from the newest input.
+  ``keep_optimizer`` averages the optimizer's tensors (fp32 main weights and moments; the
+  distributed optimizer's flat per-bucket buffers in the ``dp_reshardable`` format) with the
+  same coefficients and copies its objects (the per-group ``optimizer.distributed.
+  dp_group_idx_N.*`` state) from the newest; the ``dp_zero_gather_scatter`` format (the whole
+  state as one object per group) is refused. ``keep_rng`` copies the run state from the newest.
 - The common state (args, iteration, ...) is never a merged item: megatron-core >= 0.17 embeds
   it as the object ``common_state``, <= 0.16 saves ``common.pt``. The output always gets a
   ``common.pt`` (every version loads it; newer ones prefer it to an embedded copy), built from
@@ -37,6 +47,31 @@ _RUN_STATE_PREFIXES = ("rng_state", "rerun_state_machine_state")
 _OPTIMIZER_COMMON = ("optimizer", "opt_param_scheduler")
 _RUN_STATE_COMMON = ("rng_state", "rerun_state_machine")
 PROVENANCE_KEY = "wsm_merge"
+MODEL_ROOTS = frozenset(
+    {
+        "embedding",
+        "decoder",
+        "encoder",
+        "output_layer",
+        "mtp",
+        "lm_head",
+        "pooler",
+        "binary_head",
+        "encoder_relative_pos_emb",
+        "decoder_relative_pos_emb",
+        "language_model",
+        "vision_model",
+        "vision_projection",
+        "modality_submodules",
+    }
+)
+"""First key components under which megatron-core's models (GPT, Mamba, BERT, T5, LLaVA,
+MIMO) keep their trained weights."""
+STATE_PATTERNS = ("*.expert_bias",)
+"""Floating model state that is not a trained weight, copied from the newest by default."""
+_GATHERED_OPTIMIZER_RE = re.compile(
+    r"^(chained_\d+\.)?optimizer\.distributed\.dp_group_idx_\d+\.param_state/"
+)
 
 
 def key_group(fqn: str) -> str:
@@ -57,11 +92,16 @@ def is_extra_state(fqn: str) -> bool:
     return fqn.split("/", 1)[0].endswith("_extra_state")
 
 
+def _matches(fqn: str, patterns: Sequence[str]) -> bool:
+    return any(fnmatch.fnmatchcase(fqn, pat) for pat in patterns)
+
+
 @dataclass(frozen=True)
 class ContentPolicy:
     keep_optimizer: bool = False
     keep_rng: bool = False
     copy_from_newest: Sequence[str] = ()
+    average: Sequence[str] = ()
 
     def include(self, fqn: str) -> bool:
         group = key_group(fqn)
@@ -72,28 +112,45 @@ class ContentPolicy:
         )
 
     def tensor_kind(self, fqn: str, dtype: torch.dtype) -> str:
-        """AVERAGE or COPY for a stored tensor; a floating dtype the kernels cannot average
-        (e.g. an FP8 dtype) must be named in ``copy_from_newest``."""
+        """AVERAGE or COPY for a stored tensor (see the module docstring); raises for a floating
+        tensor under an unknown root and for a floating dtype the kernels cannot average."""
+        group = key_group(fqn)
         if (
             not dtype.is_floating_point
             or is_extra_state(fqn)
-            or key_group(fqn) == RUN_STATE
-            or any(fnmatch.fnmatchcase(fqn, pat) for pat in self.copy_from_newest)
+            or group == RUN_STATE
+            or _matches(fqn, self.copy_from_newest)
         ):
             return COPY
+        explicit = _matches(fqn, self.average)
+        if not explicit and group == MODEL and _matches(fqn, STATE_PATTERNS):
+            return COPY
+        root = fqn.split(".", 1)[0]
+        if not (explicit or group == OPTIMIZER or root in MODEL_ROOTS):
+            raise MergeError(
+                f"tensor {fqn!r} ({dtype}) is under {root!r}, not a root Megatron keeps model "
+                f"weights under (embedding, decoder, output_layer, ...): pass --average "
+                f"'{root}.*' to average it or --copy-from-newest '{root}.*' to take it from the "
+                "newest checkpoint"
+            )
         if not averageable(dtype):
             raise MergeError(
-                f"tensor {fqn!r} has dtype {dtype}, which cannot be averaged; pass "
-                f"--copy-from-newest '{fqn}' to copy it from the newest checkpoint"
+                f"tensor {fqn!r} has dtype {dtype}, which the merge cannot average (FP8 "
+                "weights): convert the checkpoints to bf16/fp32 weights first to merge it; "
+                f"--copy-from-newest '{fqn}' would instead take it from the newest checkpoint, "
+                "leaving that tensor unmerged"
             )
         return AVERAGE
 
     def check_object(self, fqn: str) -> None:
-        if key_group(fqn) == OPTIMIZER:
+        """Objects are copied from the newest; the distributed optimizer's gathered state (the
+        ``dp_zero_gather_scatter`` format) would be, silently unaveraged: refused."""
+        if _GATHERED_OPTIMIZER_RE.match(fqn):
             raise MergeError(
-                f"--keep-optimizer: optimizer state {fqn!r} is stored as an object (the "
-                "distributed optimizer's dp_zero_gather_scatter format) and cannot be averaged; "
-                "merge without --keep-optimizer, or save with --ckpt-fully-parallel-save"
+                f"--keep-optimizer: optimizer state {fqn!r} is the distributed optimizer's "
+                "whole state in one object (the dp_zero_gather_scatter format), which cannot "
+                "be averaged; merge without --keep-optimizer, or save the run with Megatron-LM's "
+                "--dist-ckpt-optim-fully-reshardable (or its default dp_reshardable format)"
             )
 
     def common_state(self, newest: dict[str, Any], provenance: dict[str, Any]) -> dict[str, Any]:

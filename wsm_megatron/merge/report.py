@@ -98,6 +98,9 @@ class JobReport:
     schedule: str | None
     min_lr_ratio: float
     ema_beta: float | None
+    position_unit: str  # of each input's "position": "tokens", "samples" or "iterations"
+    position_source: str
+    partial_window: str | None  # what --allow-partial-window accepted missing
 
 
 @dataclass

@@ -4,9 +4,13 @@
   :func:`wsm_megatron.testing.distributed.run_distributed`): a small bf16 GPTModel whose
   layernorms and position embeddings are fp32, saved with ``dist_checkpointing.save`` as
   Megatron-LM's ``generate_state_dict`` builds it (args, iteration, model, optimizer state, RNG
-  and rerun-machine objects, content metadata), plus an integer buffer and an ``_extra_state``
-  object that change with the iteration. Weights follow a seeded random walk, one step per
-  checkpoint. The tracker file is written after each save, as Megatron-LM does.
+  and rerun-machine objects, content metadata), plus an integer buffer that changes with the
+  iteration; the model's own ``_extra_state`` objects carry Transformer Engine payloads
+  (:func:`te_extra_state`). Weights follow a seeded random walk, one step per checkpoint.
+  The tracker file is written after each save, as Megatron-LM does.
+- :func:`write_distributed_optimizer_checkpoints` (on ``tp x dp`` ranks): checkpoints of a real
+  training step with megatron-core's ``DistributedOptimizer`` in Megatron-LM's default
+  ``dp_reshardable`` format (flat fp32 buffers per bucket, per-group objects).
 - :func:`write_dcp_checkpoint`: one process, a plain dict of tensors/objects saved with
   ``torch.distributed.checkpoint`` in Megatron-LM's layout (fast; for failure tests, benchmarks).
 - :func:`load_dcp_tensors`: every tensor of a checkpoint as a global tensor, read by DCP itself
@@ -18,12 +22,14 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import fcntl
 import json
 import os
+import pickle
 import shutil
 import zlib
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -44,7 +50,8 @@ TORCH_DIST_CONFIG = {
     "common_backend_version": 1,
 }
 INT_BUFFER_KEY = "decoder.wsm_test_token_counts"
-EXTRA_STATE_KEY = "decoder.wsm_test_fp8._extra_state"
+EXTRA_STATE_KEY = "decoder.layers.self_attention.linear_proj._extra_state"
+EMPTY_EXTRA_STATE_KEY = "decoder.layers.self_attention.linear_qkv._extra_state"
 WALK_STEP = 0.01
 
 
@@ -70,6 +77,47 @@ def megatron_args(**overrides: Any) -> argparse.Namespace:
     )
     args.update(overrides)
     return argparse.Namespace(**args)
+
+
+def te_extra_state(*seed: object, fp8: bool = True, amax_history_len: int = 1024) -> torch.Tensor:
+    """A Transformer Engine module's ``get_extra_state()``: ``pickle.dumps`` of its FP8 state in
+    a 1-D ``torch.uint8`` tensor (an empty one for a module that never ran in FP8, as in a bf16
+    run). The dict is TE 1.x's delayed-scaling state (scales, inverse scales, amax histories,
+    the picklable ``fp8_meta`` entries); TE 2.x adds a ``recipe`` object, left out here because
+    unpickling it needs TE. Megatron saves the tensor as a ``ShardedObject`` per layer; ``seed``
+    makes the values differ by iteration and layer."""
+    if not fp8:
+        return torch.empty(0, dtype=torch.uint8)
+    g = torch.Generator().manual_seed(_seed("te", *seed))
+    amax_fwd = torch.rand(amax_history_len, 3, generator=g) * 10
+    amax_bwd = torch.rand(amax_history_len, 2, generator=g)
+    scale_fwd, scale_bwd = 448.0 / amax_fwd.amax(0), 57344.0 / amax_bwd.amax(0)
+    state = {
+        "scale_fwd": scale_fwd,
+        "scale_inv_fwd": 1.0 / scale_fwd,
+        "amax_history_fwd": amax_fwd,
+        "scale_bwd": scale_bwd,
+        "scale_inv_bwd": 1.0 / scale_bwd,
+        "amax_history_bwd": amax_bwd,
+        "extra_fp8_variables": {
+            "num_gemms": 1,
+            "fp8_checkpoint": True,
+            "fp8_max_fwd": 448.0,
+            "fp8_max_bwd": 57344.0,
+            "first_module": False,
+        },
+    }
+    return torch.frombuffer(bytearray(pickle.dumps(state)), dtype=torch.uint8)
+
+
+def _sharded_objects(tree: Any) -> list[Any]:
+    from megatron.core.dist_checkpointing.mapping import ShardedObject
+
+    if isinstance(tree, ShardedObject):
+        return [tree]
+    if isinstance(tree, Mapping):
+        return [t for v in tree.values() for t in _sharded_objects(v)]
+    return []
 
 
 def _sharded_tensors(tree: Any) -> list[Any]:
@@ -98,9 +146,12 @@ def write_megatron_checkpoints(
     seq_length: int = 16,
     global_batch_size: int = 8,
     with_optimizer: bool = True,
+    consumed_samples: Sequence[int] | None = None,
 ) -> dict[str, Any]:
     """Save a checkpoint at each of ``iterations`` under ``root`` from every rank of a
-    ``tp x pp (x dp)`` job; initialises the parallel state if needed. Returns this rank's
+    ``tp x pp (x dp)`` job; initialises the parallel state if needed. ``consumed_samples``
+    (one per iteration) is saved as ``args.consumed_train_samples``, as Megatron-LM counts it
+    under a batch-size ramp-up (default: ``iteration x global_batch_size``). Returns this rank's
     ``(tp_rank, pp_rank)`` and the sharded keys it saved."""
     from megatron.core import dist_checkpointing, parallel_state
     from megatron.core.dist_checkpointing.mapping import ShardedObject, ShardedTensor
@@ -135,7 +186,9 @@ def write_megatron_checkpoints(
     walk: dict[tuple[str, tuple[int, ...]], torch.Tensor] = {}
     keys: list[str] = []
     root = Path(root)
-    for it in iterations:
+    if consumed_samples is None:
+        consumed_samples = [it * global_batch_size for it in iterations]
+    for it, consumed in zip(iterations, consumed_samples, strict=True):
         model_sd = model.sharded_state_dict()
         with torch.no_grad():
             for sh in _sharded_tensors(model_sd):
@@ -145,6 +198,10 @@ def write_megatron_checkpoints(
                 walk[where] = walk.get(where, sh.data.float()) + WALK_STEP * noise
                 sh.data.copy_(walk[where])
         counts = torch.arange(8, dtype=torch.int64) + 1000 * tp_rank + it
+        for sh in _sharded_objects(model_sd):  # the model's own TE extra-state objects
+            if sh.key.endswith("._extra_state"):
+                fp8 = sh.key != EMPTY_EXTRA_STATE_KEY
+                sh.data = te_extra_state(it, sh.key, sh.global_offset, fp8=fp8)
         state: dict[str, Any] = {
             "args": megatron_args(
                 seq_length=seq_length,
@@ -154,21 +211,12 @@ def write_megatron_checkpoints(
                 num_layers=num_layers,
                 hidden_size=hidden_size,
                 num_attention_heads=num_attention_heads,
-                consumed_train_samples=it * global_batch_size,
+                consumed_train_samples=consumed,
             ),
             "checkpoint_version": 3.0,
             "iteration": it,
             "num_floating_point_operations_so_far": 1.0e12 * it,
             "model": model_sd,
-            "wsm_test": {
-                "extra_state": ShardedObject(
-                    EXTRA_STATE_KEY,
-                    {"iteration": it, "amax_history": torch.full((4,), float(it))},
-                    (pp, tp),
-                    (pp_rank, tp_rank),
-                    replica_id=dp_rank,
-                ),
-            },
             "rng_state": ShardedObject(
                 "rng_state",
                 [{"torch_rng_state": torch.get_rng_state(), "iteration": it}],
@@ -188,7 +236,7 @@ def write_megatron_checkpoints(
             },
         }
         if pp_rank == 0:
-            state["wsm_test"]["token_counts"] = ShardedTensor.from_rank_offsets(
+            state["wsm_test"] = ShardedTensor.from_rank_offsets(
                 INT_BUFFER_KEY, counts, (0, tp_rank, tp), replica_id=dp_rank
             )
         if with_optimizer:
@@ -214,6 +262,99 @@ def write_megatron_checkpoints(
             write_tracker(root, it)
         keys = sorted({sh.key for sh in _sharded_tensors(state)})
     return {"tp_rank": tp_rank, "pp_rank": pp_rank, "dp": dp, "keys": keys}
+
+
+@contextlib.contextmanager
+def cuda_type_names() -> Iterator[None]:
+    """``Tensor.type()`` answers ``torch.cuda.<X>Tensor`` for CPU tensors inside the block.
+
+    megatron-core's ``DistributedOptimizer`` accepts parameters only by those type names; nothing
+    else in it needs a GPU. Test-only: the CPU layer of ``wsm_megatron.runtime`` leaves the
+    distributed optimizer to GPU runs, and these fixtures need its real checkpoint format."""
+    original = torch.Tensor.type
+
+    def type_(self: torch.Tensor, *args: Any, **kwargs: Any) -> Any:
+        if args or kwargs:
+            return original(self, *args, **kwargs)
+        return original(self).replace("torch.", "torch.cuda.", 1)
+
+    torch.Tensor.type = type_  # type: ignore[method-assign]
+    try:
+        yield
+    finally:
+        torch.Tensor.type = original  # type: ignore[method-assign]
+
+
+def distributed_optimizer_model(*, tp: int = 1, num_layers: int = 2) -> tuple[Any, Any, Any]:
+    """``(model, ddp, optimizer)``: a small bf16 GPT in ``Float16Module`` and Megatron DDP with
+    megatron-core's ``DistributedOptimizer`` (Adam, fp32 main weights, state sharded over the
+    data-parallel ranks), as Megatron-LM builds them; initialises the parallel state if needed.
+    Call the optimizer inside :func:`cuda_type_names`."""
+    from megatron.core import parallel_state
+    from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
+    from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
+    from megatron.core.transformer.module import Float16Module
+
+    from wsm_megatron.runtime import ParallelConfig, init_distributed
+    from wsm_megatron.testing.models import tiny_gpt
+
+    if not parallel_state.model_parallel_is_initialized():
+        init_distributed(ParallelConfig(tp, 1))
+    model = tiny_gpt(num_layers=num_layers, params_dtype=torch.bfloat16, seed=1234)
+    ddp_config = DistributedDataParallelConfig(
+        grad_reduce_in_fp32=True, use_distributed_optimizer=True
+    )
+    ddp = DistributedDataParallel(model.config, ddp_config, Float16Module(model.config, model))
+    config = OptimizerConfig(optimizer="adam", lr=1e-3, bf16=True, params_dtype=torch.bfloat16)
+    config.use_distributed_optimizer = True
+    with cuda_type_names():
+        optimizer = get_megatron_optimizer(config, [ddp])
+    return model, ddp, optimizer
+
+
+def write_distributed_optimizer_checkpoints(
+    root: str | os.PathLike[str],
+    iterations: Sequence[int],
+    *,
+    tp: int = 1,
+    sharding_type: str = "dp_reshardable",
+    num_layers: int = 2,
+) -> None:
+    """One training step per iteration (seeded random gradients) with
+    :func:`distributed_optimizer_model`, and a checkpoint at each of ``iterations``: model and
+    optimizer built by megatron-core's own ``sharded_state_dict`` in ``sharding_type``, as
+    Megatron-LM's ``save_checkpoint`` does."""
+    from megatron.core import dist_checkpointing
+
+    model, ddp, optimizer = distributed_optimizer_model(tp=tp, num_layers=num_layers)
+    rank = torch.distributed.get_rank()
+    metadata = {**CONTENT_METADATA, "distrib_optim_sharding_type": sharding_type}
+    for it in iterations:
+        g = torch.Generator().manual_seed(_seed("grad", rank, it))
+        for param in ddp.parameters():
+            param.main_grad.copy_(torch.randn(param.shape, generator=g))
+        with cuda_type_names():
+            optimizer.step()
+        model_sd = model.sharded_state_dict()  # Megatron-LM saves the unwrapped model
+        args = megatron_args(
+            tensor_model_parallel_size=tp, num_layers=num_layers, consumed_train_samples=8 * it
+        )
+        state: dict[str, Any] = {
+            "args": args,
+            "checkpoint_version": 3.0,
+            "iteration": it,
+            "model": model_sd,
+            "optimizer": optimizer.sharded_state_dict(model_sd, metadata=metadata),
+            "opt_param_scheduler": {"num_steps": 8 * it},
+        }
+        ckpt_dir = iteration_dir(root, it)
+        if rank == 0:
+            ckpt_dir.mkdir(parents=True)
+        torch.distributed.barrier()
+        dist_checkpointing.save(state, str(ckpt_dir), content_metadata=metadata)
+        torch.distributed.barrier()
+        if rank == 0:
+            write_tracker(root, it)
 
 
 def write_dcp_checkpoint(
