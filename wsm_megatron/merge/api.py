@@ -43,6 +43,7 @@ from wsm_megatron.merge.plan import (
     pieces_of,
     size_buffers,
 )
+from wsm_megatron.merge.provenance import input_entries, merge_info, provenance
 from wsm_megatron.merge.report import JobReport, MergeResult, PeakMemory, Progress, write_report
 from wsm_megatron.merge.selection import Selected, load_common_state, select_checkpoints
 from wsm_megatron.merge.writer import (
@@ -256,15 +257,7 @@ def _job_report(prepared: _Prepared, j: int) -> JobReport:
         name=job.name,
         output=str(iteration_dir(job.output_root, sel.iterations[-1])),
         iteration=sel.iterations[-1],
-        inputs=[
-            {
-                "iteration": it,
-                "path": str(iteration_dir(config.input, it)),
-                "position": p,
-                "coefficient": c,
-            }
-            for it, p, c in zip(sel.iterations, sel.positions, w.coefficients, strict=True)
-        ],
+        inputs=input_entries(config.input, sel.iterations, sel.positions, w.coefficients),
         position_unit=sel.position_unit,
         position_source=sel.position_source,
         partial_window=sel.partial_window,
@@ -280,20 +273,16 @@ def _merge_info(prepared: _Prepared, j: int, counts: dict[str, Any]) -> dict[str
     config, job = prepared.config, prepared.config.jobs()[j]
     sel = prepared.selections[j]
     report = _job_report(prepared, j)
-    return {
-        "tool": "wsm-merge",
-        "version": wsm_megatron.__version__,
-        "created_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-        "input_root": str(config.input),
-        "sweep_name": job.name,
-        "iteration": report.iteration,
-        "inputs": report.inputs,
-        "schedule": job.weighting.schedule,
-        "weights_given": list(job.weighting.weights) if job.weighting.weights else None,
-        "min_lr_ratio": job.weighting.min_lr_ratio,
-        "ema_beta": job.weighting.ema_beta,
-        "emulated_decay": report.emulated_decay,
-        "selection": {
+    return merge_info(
+        tool="wsm-merge",
+        input_root=config.input,
+        inputs=report.inputs,
+        weighting=job.weighting,
+        weights=prepared.weights[j],
+        accumulate_dtype=config.accumulate_dtype,
+        output_dtype=config.output_dtype,
+        sweep_name=job.name,
+        selection={
             "mode": job.selection.label(),
             "end_iteration": sel.end_iteration,
             "tokens_per_iter": sel.tokens_per_iter,
@@ -301,12 +290,10 @@ def _merge_info(prepared: _Prepared, j: int, counts: dict[str, Any]) -> dict[str
             "position_source": sel.position_source,
             "partial_window": sel.partial_window,
         },
-        "accumulate_dtype": config.accumulate_dtype,
-        "output_dtype": config.output_dtype,
-        "optimizer_state": "averaged" if config.keep_optimizer else "left out",
-        "rng_state": "copied from newest" if config.keep_rng else "left out",
+        optimizer_state="averaged" if config.keep_optimizer else "left out",
+        rng_state="copied from newest" if config.keep_rng else "left out",
         **counts,
-    }
+    )
 
 
 def _finalize(prepared: _Prepared, outcomes: list[RankOutcome]) -> list[Path]:
@@ -328,21 +315,9 @@ def _finalize(prepared: _Prepared, outcomes: list[RankOutcome]) -> list[Path]:
         }
         newest = prepared.inputs[job_plan.newest]
         info = _merge_info(prepared, j, counts)
-        provenance = {
-            k: info[k]
-            for k in (
-                "tool",
-                "version",
-                "inputs",
-                "schedule",
-                "min_lr_ratio",
-                "ema_beta",
-                "emulated_decay",
-                "accumulate_dtype",
-                "output_dtype",
-            )
-        }
-        common = prepared.policy.common_state(prepared.common_states[job_plan.newest], provenance)
+        common = prepared.policy.common_state(
+            prepared.common_states[job_plan.newest], provenance(info)
+        )
         tmp = job_plan.tmp_dir
         write_common(tmp, common)
         write_file(tmp / CONFIG_FILENAME, (newest.path / CONFIG_FILENAME).read_bytes())

@@ -1,5 +1,5 @@
 """What a merged checkpoint records about how it was made: ``merge_info.json`` and the
-provenance in its common state (``common.pt``'s ``wsm_merge``), the same for ``wsm-merge`` and
+provenance in its common state (``wsm_merge`` in ``common.pt``), the same for ``wsm-merge`` and
 the trainer's online merge."""
 
 from __future__ import annotations
@@ -27,29 +27,36 @@ PROVENANCE_FIELDS = (
 )
 
 
+def input_entries(
+    root: Path, iterations: Sequence[int], positions: Sequence[int], coefficients: Sequence[float]
+) -> list[dict[str, Any]]:
+    """One record per merged checkpoint, oldest first: iteration, path, position, coefficient."""
+    return [
+        {"iteration": it, "path": str(iteration_dir(root, it)), "position": p, "coefficient": c}
+        for it, p, c in zip(iterations, positions, coefficients, strict=True)
+    ]
+
+
 def merge_info(
     *,
     tool: str,
     input_root: Path,
-    iterations: Sequence[int],
+    inputs: list[dict[str, Any]],
     weighting: Weighting,
     weights: MergeWeights,
     accumulate_dtype: str,
     output_dtype: str | None,
     **extra: Any,
 ) -> dict[str, Any]:
-    """``merge_info.json`` of the merge of ``iterations`` under ``input_root``; ``extra`` adds
-    tool-specific fields (selection, counts...)."""
+    """``merge_info.json`` of a merge of ``inputs`` (:func:`input_entries`) under
+    ``input_root``; ``extra`` adds tool-specific fields (selection, counts...)."""
     return {
         "tool": tool,
         "version": wsm_megatron.__version__,
         "created_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         "input_root": str(input_root),
-        "iteration": iterations[-1],
-        "inputs": [
-            {"iteration": it, "path": str(iteration_dir(input_root, it)), "coefficient": c}
-            for it, c in zip(iterations, weights.coefficients, strict=True)
-        ],
+        "iteration": inputs[-1]["iteration"],
+        "inputs": inputs,
         "schedule": weighting.schedule,
         "weights_given": list(weighting.weights) if weighting.weights else None,
         "min_lr_ratio": weighting.min_lr_ratio,

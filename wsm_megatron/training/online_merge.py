@@ -75,7 +75,7 @@ def shard_values(model: list[torch.nn.Module]) -> list[ShardValue]:
 
 @dataclass
 class Snapshot:
-    """The shard values saved at ``iteration`` (``position``: iteration or consumed tokens)."""
+    """The shard values saved at ``iteration`` (``position``: the tokens consumed by then)."""
 
     iteration: int
     position: int
@@ -216,10 +216,9 @@ class OnlineMerge:
         )
 
     def position(self, progress: Progress) -> int:
-        """A save's position: consumed tokens with a token save interval, else the iteration."""
-        if self.config.checkpoint.save_interval_tokens is not None:
-            return progress.consumed_train_samples * self.config.seq_length
-        return progress.iteration
+        """A save's position: the tokens consumed so far, as ``wsm-merge`` reads them from the
+        checkpoint (``consumed_train_samples x seq_length``: right under batch-size changes)."""
+        return progress.consumed_train_samples * self.config.seq_length
 
     # ------------------------------------------------------------------ lifecycle
     def rebuild(self, root: str | Path, resume_iteration: int) -> tuple[list[int], list[int]]:
@@ -256,8 +255,11 @@ class OnlineMerge:
         interval (counted from the start of the run, so a restart changes nothing) and the end
         of training, once the ring (with this save) holds two snapshots."""
         c = self.config.checkpoint
-        interval = c.save_interval or c.save_interval_tokens
-        every = (self.position(progress) // interval) % self.config.merge.every == 0
+        if c.save_interval is not None:
+            saves = progress.iteration // c.save_interval
+        else:
+            saves = self.position(progress) // c.save_interval_tokens
+        every = saves % self.config.merge.every == 0
         last = progress.iteration == self.config.train.train_iters
         return len(self.ring) + 1 >= 2 and (every or last)
 

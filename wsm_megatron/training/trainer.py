@@ -330,7 +330,7 @@ def _merge_point(
 ) -> dict[str, Any]:
     """Merge the ring into the model, evaluate (and save) the merged model, restore the live
     values; returns what to log beside the raw validation loss."""
-    from wsm_megatron.merge.provenance import merge_info
+    from wsm_megatron.merge.provenance import input_entries, merge_info
 
     config = session.config
     start = time.perf_counter()
@@ -357,12 +357,21 @@ def _merge_point(
             info = merge_info(
                 tool="wsm-train online merge",
                 input_root=config.checkpoint.save,
-                iterations=point.iterations,
+                inputs=input_entries(
+                    config.checkpoint.save,
+                    point.iterations,
+                    point.positions,
+                    point.weights.coefficients,
+                ),
                 weighting=online.weighting,
                 weights=point.weights,
                 accumulate_dtype="fp32",
                 output_dtype=None,
-                positions=list(point.positions),
+                selection={
+                    "mode": f"online, the newest {online.ring.capacity}",
+                    "position_unit": "tokens",
+                    "position_source": "consumed_train_samples x seq_length",
+                },
             )
             checkpointer.save_merged(progress, config.merge.save_dir, info)
     logger.print(
