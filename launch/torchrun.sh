@@ -6,7 +6,7 @@
 # CONFIG   config file (default configs/tiny-cpu.yaml)
 # NPROC    processes on this node (default: the number of GPUs, or 2 without GPUs)
 # TP, PP   tensor/pipeline parallel sizes (default: the config's)
-# DRY_RUN  set to 1 to print the command without running it
+# DRY_RUN  set to 1 to check the config and print the command without running it
 # Further arguments are config overrides (section.key=value) or wsm-train flags.
 set -euo pipefail
 
@@ -21,6 +21,11 @@ export CUDA_DEVICE_MAX_CONNECTIONS=1  # Megatron: order TP/SP communication befo
 overrides=()
 [[ -n ${TP:-} ]] && overrides+=("parallel.tensor_model_parallel_size=$TP")
 [[ -n ${PP:-} ]] && overrides+=("parallel.pipeline_model_parallel_size=$PP")
+
+# The resolved configuration is checked here first (no torch import: about a second), so a
+# typo is one line before any process starts.
+${PYTHON:-python} -m wsm_megatron.cli.train --config "$CONFIG" "${overrides[@]}" "$@" \
+  --print-config >/dev/null || exit 2
 
 cmd=(torchrun --standalone --nproc-per-node "$NPROC"
   -m wsm_megatron.cli.train --config "$CONFIG" "${overrides[@]}" "$@")

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -95,7 +96,9 @@ def test_overrides_parse_as_yaml_and_nest():
         (["corpus.name=null"], "data.train_data: required, not set"),
         (["data.seq_length=0"], "data: DataConfig.seq_length: must be an integer >= 1"),
         (["train.lr"], "train.lr: an override is section.key=value"),
-        (["lr=1"], "lr: name a key inside a section"),
+        (["lr=1e-3"], "lr: not a section.key; did you mean train.lr=1e-3?"),
+        (["train=1"], "train: not a section.key; train is a section: set one of its keys"),
+        (["typo=1"], "typo: not a section.key; overrides are section.key=value, sections: model"),
         (["model.num_layers.x=1"], "model.num_layers: is a value, not a section"),
     ],
 )
@@ -164,3 +167,26 @@ def test_launch_scripts_print_the_resolved_command(script):
     else:
         assert "srun --nodes 16 --ntasks-per-node 8 --kill-on-bad-exit=1 python" in out
         assert "MASTER_PORT=24242" in out
+
+
+def test_launch_scripts_check_the_config_first(tmp_path):
+    env = {**os.environ, "DRY_RUN": "1", "CONFIG": str(TINY)}
+    done = subprocess.run(
+        ["bash", str(REPO / "launch" / "torchrun.sh"), "train.lrr=1e-4"],
+        env=env,
+        capture_output=True,
+        text=True,
+    )
+    assert done.returncode == 2 and done.stdout == ""  # nothing launched, not even printed
+    assert done.stderr.splitlines() == [done.stderr.splitlines()[0]] and done.stderr.startswith(
+        "wsm-train: error: train.lrr: unknown key"
+    )
+
+
+def test_corpus_cache_follows_xdg_cache_home(monkeypatch, tmp_path):
+    from wsm_megatron.training.config import default_cache_dir
+
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    assert default_cache_dir() == tmp_path / "wsm-megatron"
+    monkeypatch.delenv("XDG_CACHE_HOME")
+    assert default_cache_dir() == Path.home() / ".cache" / "wsm-megatron"

@@ -54,9 +54,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--config", default=str(CONFIG), metavar="YAML", help="default: tiny-cpu")
     p.add_argument(
         "--cache-dir",
-        default="~/.cache/wsm-megatron",
         metavar="DIR",
-        help="corpus cache (built once)",
+        help="corpus cache, built once (default: $XDG_CACHE_HOME/wsm-megatron, else "
+        "~/.cache/wsm-megatron)",
     )
     p.add_argument("--overwrite", action="store_true", help="replace a previous demo in DIR")
     p.add_argument("overrides", nargs="*", metavar="SECTION.KEY=VALUE", help="config overrides")
@@ -164,7 +164,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         f"checkpoint.save={out / 'checkpoints'}",
         f"logging.metrics_file={out / 'metrics.jsonl'}",
         f"logging.wandb_dir={out}",
-        f"corpus.cache_dir={Path(args.cache_dir).expanduser()}",
+        *([f"corpus.cache_dir={Path(args.cache_dir).expanduser()}"] if args.cache_dir else []),
         "merge.online=true",
         f"merge.save_dir={out / 'online-merged'}",
         *args.overrides,

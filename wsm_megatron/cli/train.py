@@ -98,7 +98,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.eval_output and not args.evaluate:
         parser.error("--eval-output needs --evaluate")
-    _quiet_imports()
+    # The configuration is checked before torch or megatron-core is imported: an error or
+    # --print-config answers at once.
     from wsm_megatron.training.config import ConfigError, dump_config, load_config
 
     is_main = os.environ.get("RANK", os.environ.get("SLURM_PROCID", "0")) == "0"
@@ -112,6 +113,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(dump_config(config), end="")
         return 0
 
+    _quiet_imports()
     from wsm_megatron.runtime import destroy_distributed
     from wsm_megatron.training.trainer import evaluate_checkpoints, pretrain
 

@@ -5,23 +5,32 @@ Everything underneath is megatron-core's own machinery (``MegatronTokenizer``,
 prefixes and weighted blends work unchanged.
 """
 
-from wsm_megatron.data.config import Blend, DataConfig, parse_blend, parse_split
-from wsm_megatron.data.corpus import CorpusFiles, default_corpus, split_train_valid, stdlib_files
-from wsm_megatron.data.datasets import (
-    BATCH_KEYS,
-    DataSplits,
-    TrainBatches,
-    build_datasets,
-    build_train_iterator,
-    build_valid_iterator,
-)
-from wsm_megatron.data.preprocess import (
-    iter_documents,
-    preprocess,
-    token_dtype,
-    write_indexed_dataset,
-)
-from wsm_megatron.data.tokenizer import Tokenizer, build_tokenizer, train_tokenizer
+import importlib
+from typing import Any
+
+_EXPORTS = {
+    "config": ("Blend", "DataConfig", "parse_blend", "parse_split"),
+    "corpus": ("CorpusFiles", "default_corpus", "split_train_valid", "stdlib_files"),
+    "datasets": (
+        "BATCH_KEYS",
+        "DataSplits",
+        "TrainBatches",
+        "build_datasets",
+        "build_train_iterator",
+        "build_valid_iterator",
+    ),
+    "preprocess": ("iter_documents", "preprocess", "token_dtype", "write_indexed_dataset"),
+    "tokenizer": ("Tokenizer", "build_tokenizer", "train_tokenizer"),
+}
+_MODULE_OF = {name: module for module, names in _EXPORTS.items() for name in names}
+
+
+def __getattr__(name: str) -> Any:
+    """Exports load their module on first use: reading a config imports no megatron-core."""
+    if name not in _MODULE_OF:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    return getattr(importlib.import_module(f"{__name__}.{_MODULE_OF[name]}"), name)
+
 
 __all__ = [
     "BATCH_KEYS",

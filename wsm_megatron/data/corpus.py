@@ -124,6 +124,13 @@ def default_corpus(
         work.mkdir()
         try:
             start = time.perf_counter()
+            if progress:  # SentencePiece reports nothing while it trains (20-30 s on 2 cores)
+                print(
+                    f"corpus: training a {vocab_size}-piece SentencePiece tokenizer on "
+                    f"{len(train_files)} files (once; cached in {cache})...",
+                    file=sys.stderr,
+                    flush=True,
+                )
             model = train_tokenizer(
                 map(_read, train_files),
                 work / "tokenizer",
@@ -131,6 +138,8 @@ def default_corpus(
             )
             tokenizer = build_tokenizer(model)
             trained = time.perf_counter()
+            if progress:
+                print(f"corpus: tokenizer trained in {trained - start:.1f} s", file=sys.stderr)
             for name, group in (("train", train_files), ("valid", valid_files)):
                 write_indexed_dataset(
                     [_read(f) for f in group], tokenizer, work / name, progress=progress

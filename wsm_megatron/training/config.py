@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import os
 import types
 import typing
 from collections.abc import Iterable, Mapping
@@ -400,7 +401,8 @@ class CorpusConfig:
     name: Literal["stdlib"] | None = None
     vocab_size: int = 8192
     max_files: int | None = None
-    cache_dir: str = "~/.cache/wsm-megatron"
+    cache_dir: str | None = None
+    """Default: ``$XDG_CACHE_HOME/wsm-megatron`` (``~/.cache/wsm-megatron``)."""
 
     def __post_init__(self) -> None:
         _positive("corpus", vocab_size=self.vocab_size, max_files=self.max_files)
@@ -642,6 +644,13 @@ def config_from_dict(raw: Mapping[str, Any]) -> WSMConfig:
     return WSMConfig(data=_build_section(DataConfig, data, "data"), corpus=corpus, **sections)
 
 
+def default_cache_dir() -> Path:
+    """Where built corpora are cached: ``$XDG_CACHE_HOME/wsm-megatron``, else
+    ``~/.cache/wsm-megatron``."""
+    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+    return Path(base) / "wsm-megatron"
+
+
 def resolve_corpus(config: WSMConfig, *, progress: bool = True) -> WSMConfig:
     """``config`` with ``data.*`` pointing at the built corpus (building it once, cached).
 
@@ -653,7 +662,7 @@ def resolve_corpus(config: WSMConfig, *, progress: bool = True) -> WSMConfig:
 
     c = config.corpus
     files = default_corpus(
-        Path(c.cache_dir).expanduser(),
+        Path(c.cache_dir).expanduser() if c.cache_dir else default_cache_dir(),
         vocab_size=c.vocab_size,
         max_files=c.max_files,
         progress=progress,
@@ -676,7 +685,7 @@ def apply_overrides(raw: dict[str, Any], overrides: Iterable[str]) -> dict[str, 
         if not sep or not key or any(not p for p in parts):
             raise ConfigError(f"{item}: an override is section.key=value, e.g. train.lr=3e-3")
         if len(parts) < 2:
-            raise ConfigError(f"{key}: name a key inside a section, e.g. {key}.<key>=value")
+            raise ConfigError(f"{key}: not a section.key; {_where_is(key, text)}")
         try:
             value = yaml.safe_load(text) if text.strip() else None
         except yaml.YAMLError as err:
@@ -692,6 +701,18 @@ def apply_overrides(raw: dict[str, Any], overrides: Iterable[str]) -> dict[str, 
             node = child
         node[parts[-1]] = value
     return raw
+
+
+def _where_is(key: str, value: str) -> str:
+    """A hint for an override without its section: the sections that have ``key``."""
+    if key in _SECTIONS:
+        return f"{key} is a section: set one of its keys, e.g. {key}.<key>={value}"
+    owners = [
+        name for name, cls in _SECTIONS.items() if key in {f.name for f in dataclasses.fields(cls)}
+    ]
+    if owners:
+        return "did you mean " + " or ".join(f"{o}.{key}={value}" for o in owners) + "?"
+    return f"overrides are section.key=value, sections: {', '.join(_SECTIONS)}"
 
 
 def load_config(path: str | Path | None, overrides: Iterable[str] = ()) -> WSMConfig:

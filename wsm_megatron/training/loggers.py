@@ -44,7 +44,16 @@ def console_line(iteration: int, total: int, metrics: dict[str, float], eta_s: f
 class MetricsLogger:
     """Console + JSON lines + wandb + TensorBoard on the main rank; a no-op elsewhere."""
 
-    def __init__(self, config: WSMConfig, *, is_main: bool, job_type: str = "train") -> None:
+    def __init__(
+        self,
+        config: WSMConfig,
+        *,
+        is_main: bool,
+        job_type: str = "train",
+        default_dir: str | Path | None = None,
+    ) -> None:
+        """``default_dir``: where wandb writes unless ``logging.wandb_dir`` says (default: the
+        parent of ``checkpoint.save``, else the current directory)."""
         self.is_main = is_main
         self.wandb: Any = None
         self.tensorboard: Any = None
@@ -58,7 +67,9 @@ class MetricsLogger:
         if log.wandb_mode != "disabled":
             import wandb
 
-            default_dir = Path(config.checkpoint.save).parent if config.checkpoint.save else "."
+            if default_dir is None:
+                save = config.checkpoint.save
+                default_dir = Path(save).parent if save else Path(".")
             wandb_dir = Path(log.wandb_dir or default_dir)
             wandb_dir.mkdir(parents=True, exist_ok=True)
             self.wandb = wandb.init(
@@ -68,7 +79,12 @@ class MetricsLogger:
                 mode=log.wandb_mode,
                 job_type=job_type,
                 config=config.to_dict(),
+                settings=wandb.Settings(silent=True),  # its banners and summaries: one line here
             )
+            where = self.wandb.settings.sync_dir
+            hint = f" (upload: wandb sync {where})" if log.wandb_mode == "offline" else ""
+            name = self.wandb.name or self.wandb.id
+            print(f"wandb: {log.wandb_mode} run {name} in {where}{hint}", flush=True)
         if log.tensorboard_dir:
             try:
                 from torch.utils.tensorboard import SummaryWriter
@@ -101,6 +117,11 @@ class MetricsLogger:
         if self.tensorboard is not None:
             for key, value in scalars.items():
                 self.tensorboard.add_scalar(key, value, iteration)
+
+    def summary(self, values: dict[str, Any]) -> None:
+        """Set run-level values (wandb's summary row)."""
+        if self.wandb is not None:
+            self.wandb.summary.update(values)
 
     def close(self) -> None:
         if self.jsonl is not None:

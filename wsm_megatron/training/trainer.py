@@ -391,7 +391,10 @@ def evaluate_checkpoints(config: WSMConfig, paths: list[str]) -> dict[str, dict[
     if mixed_precision(config):
         module = Float16Module(session.built.config, module)
     model = [module]
-    logger = MetricsLogger(config, is_main=session.runtime.is_main, job_type="eval")
+    # An evaluation logs next to what it evaluates, not next to the config's training run.
+    logger = MetricsLogger(
+        config, is_main=session.runtime.is_main, job_type="eval", default_dir=Path(paths[0]).parent
+    )
     results = {}
     try:
         for path in paths:
@@ -400,6 +403,9 @@ def evaluate_checkpoints(config: WSMConfig, paths: list[str]) -> dict[str, dict[
             results[path] = {"iteration": iteration, "val_loss": loss}
             logger.print(f"{path} (iteration {iteration}): validation loss {loss:.4f}")
             logger.log("eval", iteration, {"loss": loss, "checkpoint": str(Path(path))})
+            # one summary entry per checkpoint (the summary keeps only a key's last value)
+            name = Path(path).name
+            logger.summary({f"eval/{name}/loss": loss, f"eval/{name}/iteration": iteration})
     finally:
         logger.close()
     return results
