@@ -185,3 +185,41 @@ def test_data_parallel_moe_token_interval_and_wsd_branch(corpus_dir, tmp_path):
     assert first["lrs"][3] == branched["lrs"][4] == 3e-3
     assert branched["lrs"][5] == pytest.approx(3e-3 * (1 - 0.5**0.5))
     assert list_iterations(wsd) == [4, 5] and list_iterations(wsm) == [2, 3]
+
+
+def _train_branch_refuse(overrides: list[str], branch: list[str], same_dir: list[str]) -> dict:
+    first, second = _train(overrides), _train(overrides + branch)
+    try:
+        _train(overrides + same_dir)
+    except ValueError as err:
+        second["refused"] = str(err)
+    return {"first": first, "branch": second}
+
+
+def test_load_iteration_branches_from_an_older_checkpoint(corpus_dir, tmp_path):
+    run, branch = str(tmp_path / "run"), str(tmp_path / "branch")
+    overrides = [
+        *SMALL,
+        f"corpus.cache_dir={corpus_dir}",
+        "parallel.tensor_model_parallel_size=1",
+        f"checkpoint.save={run}",
+        "checkpoint.save_interval=2",
+        "merge.quantity=null",
+        "train.train_iters=4",
+    ]
+    (result,) = run_distributed(
+        _train_branch_refuse,
+        1,
+        overrides,
+        [f"checkpoint.load={run}", f"checkpoint.save={branch}", "checkpoint.load_iteration=2"],
+        ["checkpoint.load_iteration=2", "train.train_iters=6"],
+    )
+    first, second = result["first"], result["branch"]
+    assert list_iterations(run) == [2, 4] and read_tracker(run) == 4
+    # From iteration 2, not the tracker's 4: iterations 3 and 4 again, bitwise the same.
+    assert second["resumed_from"] == 2 and second["losses"] == {
+        i: first["losses"][i] for i in (3, 4)
+    }
+    assert _same_weights(second["weights"], first["weights"])
+    assert list_iterations(branch) == [4]
+    assert second["refused"].startswith("checkpoint.load_iteration: 2 is older than [4] in ")

@@ -44,6 +44,7 @@ from megatron.core.utils import unwrap_model
 
 from wsm_megatron.layout import (
     iteration_dir,
+    list_iterations,
     parse_iteration_dirname,
     read_tracker,
     write_tracker,
@@ -91,6 +92,42 @@ def resolve_checkpoint(path: str | Path) -> tuple[Path, int]:
         f"{str(path)!r} is neither a checkpoint root with latest_checkpointed_iteration.txt "
         "nor a complete iter_XXXXXXX directory"
     )
+
+
+def resume_checkpoint(config: WSMConfig) -> tuple[Path, int] | None:
+    """``(iteration directory, iteration)`` a run resumes from, or None for a fresh start:
+    ``checkpoint.load_iteration`` of ``checkpoint.load`` (default ``save``), else the tracker's.
+
+    An explicit ``checkpoint.load`` without a checkpoint is an error (a branch must not silently
+    start from scratch), and so is a ``load_iteration`` that is not a complete checkpoint, or
+    one older than the newest in ``save`` when ``load`` is ``save`` (training on would overwrite
+    the newer checkpoints).
+    """
+    c = config.checkpoint
+    root = c.load_dir
+    if root is None:
+        return None
+    tracker = read_tracker(root)
+    if c.load_iteration is not None:
+        ckpt_dir = iteration_dir(root, c.load_iteration)
+        if not (ckpt_dir / "metadata.json").is_file():
+            raise ValueError(
+                f"checkpoint.load_iteration: {ckpt_dir} is not a complete checkpoint "
+                f"(iterations under {root}: {list_iterations(root)})"
+            )
+        newer = [it for it in list_iterations(root) if it > c.load_iteration]
+        if newer and Path(root).resolve() == Path(c.save or root).resolve():
+            raise ValueError(
+                f"checkpoint.load_iteration: {c.load_iteration} is older than {newer} in "
+                f"checkpoint.save ({root}); save the branch elsewhere (checkpoint.save=DIR "
+                f"checkpoint.load={root})"
+            )
+        return ckpt_dir, c.load_iteration
+    if tracker is None and not (Path(root) / "metadata.json").is_file():
+        if c.load is not None and c.load != c.save:
+            raise ValueError(f"checkpoint.load: no checkpoint found in {root!r}")
+        return None
+    return resolve_checkpoint(root)
 
 
 def save_due(config: WSMConfig, progress: Progress, samples_this_iteration: int) -> bool:
@@ -410,14 +447,10 @@ class Checkpointer:
         silently start from scratch); an empty ``save`` directory simply starts a new run.
         """
         c = self.config.checkpoint
-        root = c.load_dir
-        if root is None:
+        found = resume_checkpoint(self.config)
+        if found is None:
             return None
-        if read_tracker(root) is None and not (Path(root) / "metadata.json").is_file():
-            if c.load is not None and c.load != c.save:
-                raise ValueError(f"checkpoint.load: no checkpoint found in {root!r}")
-            return None
-        ckpt_dir, _ = resolve_checkpoint(root)
+        ckpt_dir, _ = found
         common = dist_checkpointing.load_common_state_dict(str(ckpt_dir))
         load_optim = not (c.no_load_optim or c.finetune)
         load_rng = not (c.no_load_rng or c.finetune)

@@ -276,6 +276,9 @@ class CheckpointConfig:
     """Write in the background (Megatron's async ``torch_dist`` save). ``null``: on GPU only."""
     keep_every: int | None = None
     prune: bool = True
+    load_iteration: int | None = None
+    """Resume from this iteration of ``load`` instead of the tracker's (Megatron's
+    ``--ckpt-step``), e.g. to branch a WSD decay from a WSM checkpoint."""
     no_load_optim: bool = False
     no_load_rng: bool = False
     finetune: bool = False
@@ -287,6 +290,7 @@ class CheckpointConfig:
             save_interval=self.save_interval,
             save_interval_tokens=self.save_interval_tokens,
             keep_every=self.keep_every,
+            load_iteration=self.load_iteration,
         )
         if self.save_interval is not None and self.save_interval_tokens is not None:
             raise ConfigError(
@@ -295,6 +299,8 @@ class CheckpointConfig:
             )
         if self.save is None and (self.save_interval or self.save_interval_tokens):
             raise ConfigError("checkpoint.save: a save interval needs a checkpoint directory")
+        if self.load_iteration is not None and self.load_dir is None:
+            raise ConfigError("checkpoint.load_iteration: needs checkpoint.load (or save)")
 
     @property
     def load_dir(self) -> str | None:

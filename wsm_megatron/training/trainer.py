@@ -29,13 +29,13 @@ from wsm_megatron.data import (
     build_valid_iterator,
 )
 from wsm_megatron.data.datasets import DataSplits
-from wsm_megatron.layout import read_tracker
 from wsm_megatron.runtime import ParallelConfig, Runtime, init_distributed
 from wsm_megatron.training.checkpointing import (
     Checkpointer,
     Progress,
     load_model_only,
     resolve_checkpoint,
+    resume_checkpoint,
 )
 from wsm_megatron.training.config import WSMConfig, resolve_corpus
 from wsm_megatron.training.evaluate import ValidBatches, evaluate
@@ -290,8 +290,9 @@ def _resume(
     window's checkpoints on disk."""
     c = config.checkpoint
     root = c.load_dir
-    if online is not None and root is not None and not c.finetune and read_tracker(root):
-        _, resume_iteration = resolve_checkpoint(root)
+    found = resume_checkpoint(config)
+    if online is not None and found is not None and not c.finetune:
+        resume_iteration = found[1]
         rebuilt, missing = result.ring_rebuild = online.rebuild(root, resume_iteration)
         logger.print(
             f"  online merge: ring rebuilt from {root} (iterations {rebuilt + [resume_iteration]})"
