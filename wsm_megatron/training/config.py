@@ -73,6 +73,19 @@ class ModelConfig:
     moe_grouped_gemm: bool = False
     transformer_impl: Literal["auto", "local", "transformer_engine"] = "auto"
     """``auto``: Transformer Engine when it is importable on a GPU, else the local spec."""
+    recompute_granularity: Literal["full", "selective"] | None = None
+    """Activation recomputation (Megatron-LM's ``--recompute-granularity``): ``selective``
+    recomputes the attention core, ``full`` whole layers (with ``recompute_method``)."""
+    recompute_method: Literal["uniform", "block"] | None = None
+    recompute_num_layers: int | None = None
+    bias_activation_fusion: bool = False
+    """Megatron's fused kernels (GPU only; Megatron-LM's ``--no-bias-gelu-fusion``... flags)."""
+    bias_dropout_fusion: bool = False
+    masked_softmax_fusion: bool = False
+    apply_rope_fusion: bool = False
+    cross_entropy_loss_fusion: bool = False
+    fp8: Literal["e4m3", "hybrid"] | None = None
+    """FP8 training through Transformer Engine (GPU only)."""
 
     def __post_init__(self) -> None:
         _positive(
@@ -118,6 +131,7 @@ class ModelConfig:
                 "model.moe_shared_expert_intermediate_size: Megatron's shared expert has no "
                 "biases; set model.add_bias_linear=false"
             )
+        self._check_recompute()
         freq = self.moe_layer_freq
         if isinstance(freq, int) and freq < 1:
             raise ConfigError(f"model.moe_layer_freq: must be >= 1, got {freq}")
@@ -126,6 +140,35 @@ class ModelConfig:
                 f"model.moe_layer_freq: a pattern needs one 0 (dense) or 1 (MoE) per layer "
                 f"({self.num_layers}), got {freq}"
             )
+
+    def _check_recompute(self) -> None:
+        full = self.recompute_granularity == "full"
+        if full and (self.recompute_method is None or self.recompute_num_layers is None):
+            raise ConfigError(
+                "model.recompute_granularity: 'full' needs model.recompute_method "
+                "(uniform or block) and model.recompute_num_layers"
+            )
+        if not full and (self.recompute_method or self.recompute_num_layers):
+            raise ConfigError(
+                "model.recompute_method: applies to recompute_granularity 'full' only"
+            )
+        if full and not 0 < self.recompute_num_layers <= self.num_layers:
+            raise ConfigError(
+                f"model.recompute_num_layers: must be in 1..{self.num_layers} (num_layers), "
+                f"got {self.recompute_num_layers}"
+            )
+
+    @property
+    def fused_kernels(self) -> list[str]:
+        """The fusion switches that are on."""
+        names = (
+            "bias_activation_fusion",
+            "bias_dropout_fusion",
+            "masked_softmax_fusion",
+            "apply_rope_fusion",
+            "cross_entropy_loss_fusion",
+        )
+        return [n for n in names if getattr(self, n)]
 
     @property
     def is_moe(self) -> bool:

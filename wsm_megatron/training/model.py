@@ -49,6 +49,18 @@ def use_transformer_engine(config: WSMConfig) -> bool:
     return impl == "auto" and have_te and not cpu_compat.is_active()
 
 
+def check_gpu_features(config: WSMConfig, transformer_engine: bool) -> None:
+    """Fused kernels need a GPU, FP8 Transformer Engine layers: one clear error otherwise."""
+    m = config.model
+    if m.fused_kernels and cpu_compat.is_active():
+        raise ValueError(f"model.{m.fused_kernels[0]}: Megatron's fused kernels need a GPU")
+    if m.fp8 is not None and not transformer_engine:
+        raise ValueError(
+            "model.fp8: FP8 training needs Transformer Engine layers on a GPU "
+            "(model.transformer_impl=transformer_engine or auto with transformer_engine installed)"
+        )
+
+
 def mixed_precision(config: WSMConfig) -> bool:
     """bf16 training: asked for and on a GPU (the CPU path is fp32)."""
     return config.train.bf16 and not cpu_compat.is_active()
@@ -97,6 +109,15 @@ def transformer_config(config: WSMConfig) -> TransformerConfig:
         params_dtype=dtype,
         pipeline_dtype=dtype,
         bf16=bf16,
+        recompute_granularity=m.recompute_granularity,
+        recompute_method=m.recompute_method,
+        recompute_num_layers=m.recompute_num_layers,
+        bias_activation_fusion=m.bias_activation_fusion,
+        bias_dropout_fusion=m.bias_dropout_fusion,
+        masked_softmax_fusion=m.masked_softmax_fusion,
+        apply_rope_fusion=m.apply_rope_fusion,
+        cross_entropy_loss_fusion=m.cross_entropy_loss_fusion,
+        fp8=m.fp8,
         **moe,
     )
 
@@ -123,8 +144,9 @@ def _moe_router_without_te() -> None:
 
 def build_model(config: WSMConfig, vocab_size: int) -> BuiltModel:
     """This rank's pipeline stage of the GPT, on the device, before DDP wrapping."""
-    tconfig = transformer_config(config)
     te = use_transformer_engine(config)
+    check_gpu_features(config, te)
+    tconfig = transformer_config(config)
     m = config.model
     if m.is_moe:
         if cpu_compat.is_active() and m.moe_token_dispatcher_type == "alltoall":
