@@ -222,3 +222,68 @@ def test_activation_recomputation_gives_the_same_gradients(recompute):
 def test_recompute_settings_are_checked(overrides, message):
     with pytest.raises(ConfigError, match=message):
         load_config(TINY, overrides)
+
+
+def _token_normalised(masks: list[list[float]]) -> dict:
+    from megatron.core import tensor_parallel
+    from megatron.core.distributed import finalize_model_grads
+
+    from wsm_megatron.runtime import ParallelConfig, init_distributed
+    from wsm_megatron.training.model import build_model
+    from wsm_megatron.training.optimizer import setup_model_and_optimizer
+    from wsm_megatron.training.steps import global_token_mean, run_microbatches
+
+    init_distributed(ParallelConfig())
+    config = load_config(TINY, ["parallel.tensor_model_parallel_size=1", "data.seq_length=8"])
+    tensor_parallel.model_parallel_cuda_manual_seed(3)
+    state = setup_model_and_optimizer(build_model(config, 300), config)
+    ddp = state.model[0]
+    g = torch.Generator().manual_seed(0)
+    batches = []
+    for mask in masks:  # microbatches of one sequence, each with its own loss mask
+        tokens = torch.randint(0, 300, (1, 8), generator=g)
+        batches.append(
+            {
+                "tokens": tokens,
+                "labels": torch.roll(tokens, -1, 1),
+                "loss_mask": torch.tensor([mask]),
+                "position_ids": torch.arange(8).view(1, 8),
+            }
+        )
+    ddp.zero_grad_buffer()
+    totals = run_microbatches(
+        state.model, iter(batches), num_microbatches=len(batches), seq_length=8,
+        micro_batch_size=1, forward_only=False,
+    )  # fmt: skip
+    grads = {n: p.main_grad.clone() for n, p in ddp.named_parameters()}
+
+    # By hand: sum of the masked token losses of all microbatches / all their tokens.
+    ddp.zero_grad_buffer()
+    loss = sum(
+        (ddp(b["tokens"], b["position_ids"], None, labels=b["labels"]) * b["loss_mask"]).sum()
+        for b in batches
+    ) / sum(b["loss_mask"].sum() for b in batches)
+    loss.backward()
+    finalize_model_grads(state.model)
+    hand = {n: p.main_grad.clone() for n, p in ddp.named_parameters()}
+    return {
+        "mean": global_token_mean(totals),
+        "hand_loss": float(loss),
+        "grads": grads,
+        "hand": hand,
+    }
+
+
+def test_loss_is_normalised_by_the_global_token_count():
+    from wsm_megatron.testing.distributed import run_distributed
+
+    masks = [[1.0] * 8, [1.0, 1.0, 0, 0, 0, 0, 0, 0], [0, 1.0, 1.0, 1.0, 0, 0, 0, 0]]
+    (r,) = run_distributed(_token_normalised, 1, masks)
+    # 13 tokens in all: a mean of the three microbatch means (0.33 each) would weigh the
+    # 2-token microbatch 4x more than its share.
+    assert r["mean"] == pytest.approx(r["hand_loss"], rel=1e-6)
+    assert r["grads"].keys() == r["hand"].keys()
+    for name, grad in r["grads"].items():
+        torch.testing.assert_close(
+            grad, r["hand"][name], rtol=1e-5, atol=1e-6, msg=lambda m, name=name: f"{name}: {m}"
+        )

@@ -1,7 +1,7 @@
 """Validation loss: the same fixed validation batches every time, so evaluations compare.
 
 Every evaluation reads the first ``train.eval_iters`` global batches of the validation set (a
-fresh iterator each time), forward only, in eval mode; the result is the mean token loss over
+fresh iterator each time), forward only, in eval mode; the result is the loss per token over
 those batches and the data-parallel replicas, known on every rank.
 """
 
@@ -10,9 +10,10 @@ from __future__ import annotations
 from collections.abc import Callable, Iterator
 
 import torch
+from megatron.core import parallel_state
 
 from wsm_megatron.training.config import WSMConfig
-from wsm_megatron.training.steps import Batch, global_mean, run_microbatches
+from wsm_megatron.training.steps import Batch, global_token_mean, run_microbatches
 
 ValidBatches = Callable[[], Iterator[Batch]]
 """Returns a fresh iterator over this rank's validation microbatches."""
@@ -29,21 +30,20 @@ def evaluate(
     for chunk in model:
         chunk.eval()
     batches = valid_batches()
-    losses = []
+    totals = [0.0, 0.0]
     try:
         for _ in range(config.train.eval_iters):
-            losses.append(
-                run_microbatches(
-                    model,
-                    batches,
-                    num_microbatches=num_microbatches,
-                    seq_length=config.seq_length,
-                    micro_batch_size=config.train.micro_batch_size,
-                    forward_only=True,
-                )
+            step = run_microbatches(
+                model,
+                batches,
+                num_microbatches=num_microbatches,
+                seq_length=config.seq_length,
+                micro_batch_size=config.train.micro_batch_size,
+                forward_only=True,
             )
+            if step is not None:
+                totals = [totals[0] + step[0], totals[1] + step[1]]
     finally:
         for chunk in model:
             chunk.train()
-    local = None if losses[0] is None else sum(losses) / len(losses)
-    return global_mean(local)
+    return global_token_mean(tuple(totals) if parallel_state.is_pipeline_last_stage() else None)

@@ -118,6 +118,7 @@ def transformer_config(config: WSMConfig) -> TransformerConfig:
         apply_rope_fusion=m.apply_rope_fusion,
         cross_entropy_loss_fusion=m.cross_entropy_loss_fusion,
         fp8=m.fp8,
+        calculate_per_token_loss=True,  # Megatron-LM: normalise by the global token count
         **moe,
     )
 

@@ -1,9 +1,12 @@
 """One microbatch through the model: what Megatron's pipeline schedules call ``forward_step_func``.
 
 The first pipeline stage needs the tokens and positions, the last the labels and loss mask; a
-middle stage reads nothing (its input arrives from the previous stage). The loss is the mean
-token loss of the microbatch under its loss mask; the schedule averages it over microbatches and
-Megatron DDP over data-parallel ranks.
+middle stage reads nothing (its input arrives from the previous stage). As in Megatron-LM, the
+loss is normalised by the global number of tokens: each microbatch returns the sum of its token
+losses under the loss mask and its token count, the schedule adds them up, and
+``finalize_model_grads`` divides the gradients by the token count of the whole global batch
+(all microbatches and data-parallel ranks; ``calculate_per_token_loss`` in the model config).
+The reported loss is the same ratio: the mean loss per token of the global batch.
 """
 
 from __future__ import annotations
@@ -21,14 +24,17 @@ from wsm_megatron.runtime import cpu_compat
 Batch = dict[str, torch.Tensor]
 
 
-def masked_mean_loss(
+def masked_token_loss(
     loss_mask: torch.Tensor, output_tensor: torch.Tensor
-) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    """The microbatch loss and what the schedule reports (``lm loss``)."""
+) -> tuple[torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]:
+    """The microbatch's summed token loss, its token count, and what the schedule reports
+    (``lm loss``: ``[loss sum, tokens]``, Megatron-LM's format)."""
     losses = output_tensor.float().view(-1)
     mask = loss_mask.float().view(-1)
-    loss = torch.sum(losses * mask) / mask.sum()
-    return loss, {"lm loss": loss.detach().clone()}  # the schedule scales the loss in place
+    loss = torch.sum(losses * mask)
+    tokens = mask.sum().to(torch.int)
+    report = torch.stack([loss.detach().clone(), tokens.detach().float()])
+    return loss, tokens, {"lm loss": report}
 
 
 def forward_step(
@@ -48,7 +54,7 @@ def forward_step(
         None,
         labels=batch["labels"] if last else None,
     )
-    return output, partial(masked_mean_loss, batch["loss_mask"] if last else None)
+    return output, partial(masked_token_loss, batch["loss_mask"] if last else None)
 
 
 def run_microbatches(
@@ -59,8 +65,9 @@ def run_microbatches(
     seq_length: int,
     micro_batch_size: int,
     forward_only: bool,
-) -> float | None:
-    """Forward (and backward) one global batch; the mean loss on the last stage, else None."""
+) -> tuple[float, float] | None:
+    """Forward (and backward) one global batch; ``(loss sum, tokens)`` over this rank's
+    microbatches on the last stage, else None."""
     reports = get_forward_backward_func()(
         forward_step_func=forward_step,
         data_iterator=data_iterator,
@@ -72,19 +79,15 @@ def run_microbatches(
     )
     if not parallel_state.is_pipeline_last_stage():
         return None
-    return float(torch.stack([r["lm loss"] for r in reports]).mean())
+    total = torch.stack([r["lm loss"] for r in reports]).sum(0)
+    return float(total[0]), float(total[1])
 
 
-def global_mean(value: float | None) -> float:
-    """The mean of ``value`` over the ranks that hold one (last stage, TP rank 0), on all ranks.
-
-    With data parallelism that is the mean over data-parallel replicas (their global batches
-    differ); every rank gets it, so any rank can log or return it.
-    """
-    holds = value is not None and parallel_state.get_tensor_model_parallel_rank() == 0
+def global_token_mean(totals: tuple[float, float] | None) -> float:
+    """The loss per token over the ranks that hold ``(loss sum, tokens)`` (last stage, TP rank
+    0), on all ranks: with data parallelism, over every replica's tokens."""
+    holds = totals is not None and parallel_state.get_tensor_model_parallel_rank() == 0
     device = "cpu" if cpu_compat.is_active() else torch.cuda.current_device()
-    pair = torch.tensor(
-        [value if holds else 0.0, 1.0 if holds else 0.0], dtype=torch.float64, device=device
-    )
+    pair = torch.tensor(totals if holds else (0.0, 0.0), dtype=torch.float64, device=device)
     dist.all_reduce(pair)
     return float(pair[0] / pair[1])

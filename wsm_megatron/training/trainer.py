@@ -45,7 +45,7 @@ from wsm_megatron.training.model import BuiltModel, build_model, count_parameter
 from wsm_megatron.training.online_merge import MergePoint, OnlineMerge
 from wsm_megatron.training.optimizer import TrainState, params_synced, setup_model_and_optimizer
 from wsm_megatron.training.schedules import build_scheduler
-from wsm_megatron.training.steps import Batch, global_mean, run_microbatches
+from wsm_megatron.training.steps import Batch, global_token_mean, run_microbatches
 
 
 @dataclass
@@ -220,7 +220,7 @@ def pretrain(config: WSMConfig) -> TrainResult:
         progress.consumed_train_samples += t.global_batch_size
         progress.floating_point_operations += flops
         it = progress.iteration
-        result.losses[it] = global_mean(loss)
+        result.losses[it] = global_token_mean(loss)
         result.lrs[it] = lr
         window_iters += 1
         checkpointer.finalize(blocking=False)
