@@ -223,3 +223,18 @@ def test_load_iteration_branches_from_an_older_checkpoint(corpus_dir, tmp_path):
     assert _same_weights(second["weights"], first["weights"])
     assert list_iterations(branch) == [4]
     assert second["refused"].startswith("checkpoint.load_iteration: 2 is older than [4] in ")
+
+
+def test_losses_reduced_per_log_interval_are_the_per_step_values(corpus_dir, tmp_path):
+    common = [
+        *SMALL,
+        f"corpus.cache_dir={corpus_dir}",
+        "parallel.tensor_model_parallel_size=1",
+        "train.train_iters=5",
+        "checkpoint.save=null",
+        "checkpoint.save_interval=null",
+    ]
+    (every_step,) = run_distributed(_train, 1, [*common, "logging.log_interval=1"])
+    (batched,) = run_distributed(_train, 1, [*common, "logging.log_interval=3"])
+    assert list(batched["losses"]) == [1, 2, 3, 4, 5]
+    assert batched["losses"] == every_step["losses"]  # bitwise equal floats

@@ -231,7 +231,7 @@ def _token_normalised(masks: list[list[float]]) -> dict:
     from wsm_megatron.runtime import ParallelConfig, init_distributed
     from wsm_megatron.training.model import build_model
     from wsm_megatron.training.optimizer import setup_model_and_optimizer
-    from wsm_megatron.training.steps import global_token_mean, run_microbatches
+    from wsm_megatron.training.steps import global_token_means, run_microbatches
 
     init_distributed(ParallelConfig())
     config = load_config(TINY, ["parallel.tensor_model_parallel_size=1", "data.seq_length=8"])
@@ -267,7 +267,7 @@ def _token_normalised(masks: list[list[float]]) -> dict:
     finalize_model_grads(state.model)
     hand = {n: p.main_grad.clone() for n, p in ddp.named_parameters()}
     return {
-        "mean": global_token_mean(totals),
+        "mean": global_token_means([totals])[0],
         "hand_loss": float(loss),
         "grads": grads,
         "hand": hand,

@@ -10,10 +10,9 @@ from __future__ import annotations
 from collections.abc import Callable, Iterator
 
 import torch
-from megatron.core import parallel_state
 
 from wsm_megatron.training.config import WSMConfig
-from wsm_megatron.training.steps import Batch, global_token_mean, run_microbatches
+from wsm_megatron.training.steps import Batch, global_token_means, run_microbatches
 
 ValidBatches = Callable[[], Iterator[Batch]]
 """Returns a fresh iterator over this rank's validation microbatches."""
@@ -30,7 +29,7 @@ def evaluate(
     for chunk in model:
         chunk.eval()
     batches = valid_batches()
-    totals = [0.0, 0.0]
+    total = None
     try:
         for _ in range(config.train.eval_iters):
             step = run_microbatches(
@@ -42,8 +41,8 @@ def evaluate(
                 forward_only=True,
             )
             if step is not None:
-                totals = [totals[0] + step[0], totals[1] + step[1]]
+                total = step if total is None else total + step
     finally:
         for chunk in model:
             chunk.train()
-    return global_token_mean(tuple(totals) if parallel_state.is_pipeline_last_stage() else None)
+    return global_token_means([total])[0]

@@ -65,9 +65,9 @@ def run_microbatches(
     seq_length: int,
     micro_batch_size: int,
     forward_only: bool,
-) -> tuple[float, float] | None:
-    """Forward (and backward) one global batch; ``(loss sum, tokens)`` over this rank's
-    microbatches on the last stage, else None."""
+) -> torch.Tensor | None:
+    """Forward (and backward) one global batch; ``[loss sum, tokens]`` over this rank's
+    microbatches on the last stage (on the device: no host sync), else None."""
     reports = get_forward_backward_func()(
         forward_step_func=forward_step,
         data_iterator=data_iterator,
@@ -79,15 +79,18 @@ def run_microbatches(
     )
     if not parallel_state.is_pipeline_last_stage():
         return None
-    total = torch.stack([r["lm loss"] for r in reports]).sum(0)
-    return float(total[0]), float(total[1])
+    return torch.stack([r["lm loss"] for r in reports]).sum(0)
 
 
-def global_token_mean(totals: tuple[float, float] | None) -> float:
-    """The loss per token over the ranks that hold ``(loss sum, tokens)`` (last stage, TP rank
-    0), on all ranks: with data parallelism, over every replica's tokens."""
-    holds = totals is not None and parallel_state.get_tensor_model_parallel_rank() == 0
+def global_token_means(totals: list[torch.Tensor | None]) -> list[float]:
+    """The loss per token of each entry of ``totals`` (``[loss sum, tokens]`` or None) over the
+    ranks that hold one (last stage, TP rank 0), on all ranks: one all-reduce for all of them.
+    With data parallelism, over every replica's tokens."""
+    holds = parallel_state.get_tensor_model_parallel_rank() == 0
     device = "cpu" if cpu_compat.is_active() else torch.cuda.current_device()
-    pair = torch.tensor(totals if holds else (0.0, 0.0), dtype=torch.float64, device=device)
-    dist.all_reduce(pair)
-    return float(pair[0] / pair[1])
+    pairs = torch.zeros((len(totals), 2), dtype=torch.float64, device=device)
+    for i, total in enumerate(totals):
+        if total is not None and holds:
+            pairs[i] = total.to(device=device, dtype=torch.float64)
+    dist.all_reduce(pairs)
+    return (pairs[:, 0] / pairs[:, 1]).tolist()

@@ -45,7 +45,7 @@ from wsm_megatron.training.model import BuiltModel, build_model, count_parameter
 from wsm_megatron.training.online_merge import MergePoint, OnlineMerge
 from wsm_megatron.training.optimizer import TrainState, params_synced, setup_model_and_optimizer
 from wsm_megatron.training.schedules import build_scheduler
-from wsm_megatron.training.steps import Batch, global_token_mean, run_microbatches
+from wsm_megatron.training.steps import Batch, global_token_means, run_microbatches
 
 
 @dataclass
@@ -198,6 +198,7 @@ def pretrain(config: WSMConfig) -> TrainResult:
     flops = flops_per_iteration(config, session.built.vocab_size)
     world = session.runtime.world_size
     window_start, window_iters = time.perf_counter(), 0
+    pending: list[torch.Tensor | None] = []  # this log interval's [loss sum, tokens], on device
     while progress.iteration < t.train_iters:
         for chunk in state.model:
             chunk.zero_grad_buffer()
@@ -220,12 +221,16 @@ def pretrain(config: WSMConfig) -> TrainResult:
         progress.consumed_train_samples += t.global_batch_size
         progress.floating_point_operations += flops
         it = progress.iteration
-        result.losses[it] = global_token_mean(loss)
+        pending.append(loss)
         result.lrs[it] = lr
         window_iters += 1
         checkpointer.finalize(blocking=False)
 
         if it % config.logging.log_interval == 0 or it == t.train_iters:
+            # Reduced once per log interval, as Megatron-LM does: no per-step sync or collective.
+            steps = range(it - len(pending) + 1, it + 1)
+            result.losses.update(zip(steps, global_token_means(pending), strict=True))
+            pending = []
             elapsed = time.perf_counter() - window_start
             seconds = elapsed / window_iters
             window = [result.losses[i] for i in range(it - window_iters + 1, it + 1)]
