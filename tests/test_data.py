@@ -22,11 +22,11 @@ from wsm_megatron.data import (
     build_train_iterator,
     build_valid_iterator,
     default_corpus,
-    preprocess,
     split_train_valid,
     stdlib_files,
     train_tokenizer,
 )
+from wsm_megatron.data.preprocess import preprocess
 
 REPO = Path(__file__).resolve().parents[1]
 MAX_FILES = 60  # a small, evenly spread subset of the stdlib keeps the module fast

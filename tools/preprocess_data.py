@@ -41,7 +41,8 @@ def main(argv: list[str] | None = None) -> int:
         if not Path(path).is_file():
             print(f"{prog}: error: {what} {path!r} does not exist", file=sys.stderr)
             return 2
-    from wsm_megatron.data import build_tokenizer, preprocess
+    from wsm_megatron.data import build_tokenizer
+    from wsm_megatron.data.preprocess import preprocess
 
     try:
         prefix = preprocess(

@@ -19,7 +19,8 @@ _EXPORTS = {
         "build_train_iterator",
         "build_valid_iterator",
     ),
-    "preprocess": ("iter_documents", "preprocess", "token_dtype", "write_indexed_dataset"),
+    # (``preprocess``, the function, is imported from its module of the same name)
+    "preprocess": ("iter_documents", "token_dtype", "write_indexed_dataset"),
     "tokenizer": ("Tokenizer", "build_tokenizer", "train_tokenizer"),
 }
 _MODULE_OF = {name: module for module, names in _EXPORTS.items() for name in names}
@@ -48,7 +49,6 @@ __all__ = [
     "iter_documents",
     "parse_blend",
     "parse_split",
-    "preprocess",
     "split_train_valid",
     "stdlib_files",
     "token_dtype",
