@@ -108,6 +108,12 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="GLOB",
         help="copy matching tensors from the newest checkpoint instead of averaging (repeatable)",
     )
+    n.add_argument(
+        "--layout-from",
+        type=int,
+        metavar="ITERATION",
+        help="the merged checkpoint whose TP/PP/EP layout the output takes (default: newest)",
+    )
     r = p.add_argument_group("resources and output")
     r.add_argument(
         "--memory-budget-mb",
@@ -160,6 +166,7 @@ def config_from_args(args: argparse.Namespace) -> MergeConfig:
         keep_optimizer=args.keep_optimizer,
         keep_rng=args.keep_rng,
         copy_from_newest=args.copy_from_newest,
+        layout_from=args.layout_from,
         memory_budget_mb=args.memory_budget_mb,
         io_threads=args.io_threads,
         threads=args.threads,
