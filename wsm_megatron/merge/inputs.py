@@ -127,14 +127,14 @@ def check_compatible(
             if tuple(a.size) != tuple(b.size):
                 raise MergeError(
                     f"tensor {key!r}: global shape {tuple(a.size)} at iteration "
-                    f"{ckpt.iteration} but {tuple(b.size)} at iteration {ref.iteration} (a "
-                    "vocabulary padded for another TP size?); tensors whose global shapes "
-                    "differ cannot be merged"
+                    f"{ckpt.iteration} ({ckpt.path}) but {tuple(b.size)} at iteration "
+                    f"{ref.iteration} (a vocabulary padded for another TP size?); tensors whose "
+                    "global shapes differ cannot be merged"
                 )
             if a.properties.dtype != b.properties.dtype:
                 raise MergeError(
                     f"tensor {key!r}: dtype {a.properties.dtype} at iteration {ckpt.iteration} "
-                    f"but {b.properties.dtype} at iteration {ref.iteration}"
+                    f"({ckpt.path}) but {b.properties.dtype} at iteration {ref.iteration}"
                 )
 
 
