@@ -247,9 +247,11 @@ def test_assign_ranks_balances_bytes_in_file_order():
         flat = [u for r in per_rank for u in r]  # contiguous runs of the file order
         assert flat == sorted(
             units,
-            key=lambda u: u.chunk.sources[-1][1][0].info.offset
-            if isinstance(u, Piece)
-            else u.sources[-1][1].offset,
+            key=lambda u: (
+                u.chunk.sources[-1][1][0].info.offset
+                if isinstance(u, Piece)
+                else u.sources[-1][1].offset
+            ),
         )
 
 
