@@ -116,7 +116,7 @@ class StorageFiles:
 
     @contextlib.contextmanager
     def map(self, path: Path, offset: int, length: int) -> Iterator[mmap.mmap]:
-        """A read-only map of ``length`` bytes of ``path`` at ``offset`` (a multiple of
+        """A private map of ``length`` bytes of ``path`` at ``offset`` (a multiple of
         ``mmap.ALLOCATIONGRANULARITY``); a file shorter than that is an error, not a SIGBUS."""
         fd = self._fd(path)
         size = os.fstat(fd).st_size
@@ -125,7 +125,7 @@ class StorageFiles:
                 f"{path} is truncated: expected {length} bytes at offset {offset}, "
                 f"the file has {size}"
             )
-        region = mmap.mmap(fd, length, access=mmap.ACCESS_READ, offset=offset)
+        region = mmap.mmap(fd, length, access=mmap.ACCESS_COPY, offset=offset)
         try:
             yield region
         finally:
