@@ -107,13 +107,13 @@ def test_chunk_grid_finds_exactly_the_overlapping_chunks():
     irregular = [((0, 0, 0), (12, 10, 2)), ((0, 0, 2), (7, 10, 4)), ((7, 0, 2), (5, 10, 4))]
     for chunks in (grid_chunks, irregular):
         grid = ChunkGrid(chunks)
-        assert (grid._cells is None) == (chunks is irregular)
         for _ in range(200):
             box = _random_box(rng, shape)
             found = grid.overlapping(box)
             assert sorted(found) == sorted(c for c in chunks if intersect(c, box) is not None)
             covered = sum(math.prod(intersect(c, box)[1]) for c in found)
             assert covered == math.prod(box[1])
+        assert (grid._cells is None) == (chunks is irregular)
 
 
 def test_chunks_that_do_not_cover_a_box_are_an_error():
@@ -347,3 +347,16 @@ def test_different_global_shape_is_refused_in_one_line(tmp_path, capsys):
 def test_layout_from_must_be_a_merged_checkpoint(ckpts, tmp_path):
     with pytest.raises(MergeError, match=r"--layout-from 250: not one of the merged"):
         merge(MergeConfig(input=ckpts, output=tmp_path / "o", last=4, layout_from=250))
+
+
+def test_mapping_past_the_end_of_a_file_is_an_error_not_a_crash(tmp_path):
+    """A shard file truncated after the inputs were checked: one line, not a SIGBUS."""
+    path = tmp_path / "__0_0.distcp"
+    path.write_bytes(b"x" * 1000)
+    files = StorageFiles()
+    with pytest.raises(MergeError, match=r"__0_0.distcp is truncated: expected 4096 bytes"):
+        with files.map(path, 0, 4096):
+            pass
+    with files.map(path, 0, 1000) as region:
+        assert region[:3] == b"xxx"
+    files.close()

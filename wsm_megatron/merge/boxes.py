@@ -58,22 +58,25 @@ class ChunkGrid:
     def __init__(self, chunks: Sequence[Box]) -> None:
         self.chunks = list(chunks)
         self._sizes = dict(self.chunks)  # offsets -> sizes
+        self._starts: list[list[int]] | None = None  # built on the first inexact query
+        self._cells: dict[tuple[int, ...], Box] | None = None
+
+    def _index(self) -> None:
         rank = len(self.chunks[0][0]) if self.chunks else 0
         self._starts = [sorted({c[0][d] for c in self.chunks}) for d in range(rank)]
-        self._cells: dict[tuple[int, ...], Box] | None = {}
+        cells = {}
         for chunk in self.chunks:
             starts = zip(self._starts, chunk[0], strict=True)
-            cell = tuple(bisect.bisect_left(s, o) for s, o in starts)
-            self._cells[cell] = chunk
-        if len(self._cells) != len(self.chunks) or len(self.chunks) != math.prod(
-            len(s) for s in self._starts
-        ):
-            self._cells = None
+            cells[tuple(bisect.bisect_left(s, o) for s, o in starts)] = chunk
+        grid = len(cells) == len(self.chunks) == math.prod(len(s) for s in self._starts)
+        self._cells = cells if grid else None
 
     def overlapping(self, box: Box) -> list[Box]:
         """The chunks that share at least one element with ``box``, in row-major order."""
         if self._sizes.get(box[0]) == box[1]:  # the same layout
             return [box]
+        if self._starts is None:
+            self._index()
         if self._cells is None:
             return sorted(c for c in self.chunks if intersect(c, box) is not None)
         ranges = []

@@ -27,7 +27,8 @@ from wsm_megatron.merge.errors import MergeError
 
 AVERAGE, COPY = "average", "copy"
 _RESERVE_BYTES = 32 * 2**20
-"""Part of the budget kept for everything but the piece buffers (plan, Python objects)."""
+"""Part of the budget kept for everything but the piece buffers (plan, Python objects, the
+file windows reader threads map for sub-box reads: ``boxes.MAP_WINDOW_BYTES`` each)."""
 
 
 @dataclass(frozen=True)
@@ -163,6 +164,8 @@ def overlapping_segments(
     """The stored chunks of ``grid`` overlapping the output chunk ``box``; they must cover it
     exactly once (``storage`` gives a chunk's ``_StorageInfo`` from its offsets)."""
     found = grid.overlapping(box)
+    if found == [box]:  # the same chunk
+        return (Segment(*box, storage(box[0])),)
     covered = sum(math.prod(intersect(c, box)[1]) for c in found)
     if covered != math.prod(box[1]):
         raise MergeError(
