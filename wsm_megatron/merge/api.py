@@ -42,6 +42,7 @@ from wsm_megatron.merge.plan import (
     InputRef,
     JobPlan,
     RankPlan,
+    Segment,
     assign_ranks,
     overlapping_segments,
     pieces_of,
@@ -273,6 +274,24 @@ def _layout_signature(ckpt: InputCheckpoint, include: Any) -> set[tuple]:
     return out
 
 
+class _SegmentFinder:
+    """The stored chunks of one tensor of one input that overlap an output chunk; at the output
+    layout (the same chunk list) each is the output chunk itself, found without an index."""
+
+    def __init__(self, ckpt: InputCheckpoint, fqn: str, layout_chunks: list[Any]) -> None:
+        self.ckpt, self.fqn = ckpt, fqn
+        stored = ckpt.metadata.state_dict_metadata[fqn].chunks
+        self.grid = None
+        if stored != layout_chunks:
+            self.grid = ChunkGrid([(tuple(c.offsets), tuple(c.sizes)) for c in stored])
+
+    def __call__(self, box: tuple) -> tuple[Segment, ...]:
+        if self.grid is None:
+            return (Segment(*box, self.ckpt.storage(self.fqn, box[0])),)
+        where = f"checkpoint {self.ckpt.path}, tensor {self.fqn!r}"
+        return overlapping_segments(self.grid, partial(self.ckpt.storage, self.fqn), box, where)
+
+
 def _plan_items(
     config: MergeConfig,
     policy: ContentPolicy,
@@ -296,24 +315,10 @@ def _plan_items(
         kind = policy.tensor_kind(fqn, dtype)
         out_dtype = config.output_torch_dtype if kind == AVERAGE and config.output_dtype else dtype
         sources = used_inputs if kind == AVERAGE else copy_sources
-        grids = {}
-        for i in sources:
-            stored = inputs[i].metadata.state_dict_metadata[fqn].chunks
-            grids[i] = ChunkGrid([(tuple(c.offsets), tuple(c.sizes)) for c in stored])
+        locate = [_SegmentFinder(inputs[i], fqn, md.chunks) for i in sources]
         for chunk in sorted(md.chunks, key=lambda c: tuple(c.offsets)):
             box = (tuple(chunk.offsets), tuple(chunk.sizes))
-            segments = tuple(
-                (
-                    i,
-                    overlapping_segments(
-                        grids[i],
-                        partial(inputs[i].storage, fqn),
-                        box,
-                        f"checkpoint {inputs[i].path}, tensor {fqn!r}",
-                    ),
-                )
-                for i in sources
-            )
+            segments = tuple((i, find(box)) for i, find in zip(sources, locate, strict=True))
             chunk_items.append((ChunkRef(fqn, *box, dtype, segments), kind, out_dtype))
     return chunk_items, objects
 

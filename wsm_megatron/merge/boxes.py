@@ -28,11 +28,14 @@ MAP_WINDOW_BYTES = 2**20
 
 def intersect(a: Box, b: Box) -> Box | None:
     """The common box of ``a`` and ``b`` (same rank), or None if they do not overlap."""
-    lo = tuple(max(x, y) for x, y in zip(a[0], b[0], strict=True))
-    hi = tuple(min(x + n, y + m) for x, n, y, m in zip(a[0], a[1], b[0], b[1], strict=True))
-    if any(h <= low for low, h in zip(lo, hi, strict=True)):
-        return None
-    return lo, tuple(h - low for low, h in zip(lo, hi, strict=True))
+    offsets, sizes = [], []
+    for x, n, y, m in zip(a[0], a[1], b[0], b[1], strict=True):
+        low, high = max(x, y), min(x + n, y + m)
+        if high <= low:
+            return None
+        offsets.append(low)
+        sizes.append(high - low)
+    return tuple(offsets), tuple(sizes)
 
 
 def _strides(sizes: Sequence[int]) -> tuple[int, ...]:
@@ -83,8 +86,7 @@ class ChunkGrid:
         for starts, o, n in zip(self._starts, box[0], box[1], strict=True):
             lo = max(0, bisect.bisect_right(starts, o) - 1)
             ranges.append(range(lo, bisect.bisect_left(starts, o + max(n, 1))))
-        found = (self._cells[cell] for cell in itertools.product(*ranges))
-        return [c for c in found if intersect(c, box) is not None]
+        return [self._cells[cell] for cell in itertools.product(*ranges)]
 
 
 def read_box(

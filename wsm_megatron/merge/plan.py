@@ -166,13 +166,14 @@ def overlapping_segments(
     found = grid.overlapping(box)
     if found == [box]:  # the same chunk
         return (Segment(*box, storage(box[0])),)
-    covered = sum(math.prod(intersect(c, box)[1]) for c in found)
+    common = [(chunk, intersect(chunk, box)) for chunk in found]
+    covered = sum(math.prod(part[1]) for _, part in common if part is not None)
     if covered != math.prod(box[1]):
         raise MergeError(
             f"{where}: the stored chunks cover {covered} of the {math.prod(box[1])} elements of "
             f"the box at {box[0]} of size {box[1]} (corrupt .metadata?)"
         )
-    return tuple(Segment(offsets, sizes, storage(offsets)) for offsets, sizes in found)
+    return tuple(Segment(*chunk, storage(chunk[0])) for chunk, part in common if part is not None)
 
 
 def pieces_of(chunk: ChunkRef, kind: str, out_dtype: torch.dtype, capacity: int) -> list[Piece]:
