@@ -360,3 +360,28 @@ def test_mapping_past_the_end_of_a_file_is_an_error_not_a_crash(tmp_path):
     with files.map(path, 0, 1000) as region:
         assert region[:3] == b"xxx"
     files.close()
+
+
+def test_sweep_entry_ending_at_another_layout(ckpts, tmp_path):
+    """A sweep shares one output layout (the newest input's); an entry whose newest input was
+    saved at another layout takes its stored objects and layout args from the layout input."""
+    from wsm_megatron.merge import SweepEntry
+
+    sweep = (
+        SweepEntry(name="to300", iterations=(200, 300), schedule="linear"),
+        SweepEntry(name="to400", iterations=(300, 400), schedule="linear"),
+    )
+    merge(MergeConfig(input=ckpts, output=tmp_path, sweep=sweep))
+    out = iteration_dir(tmp_path / "to300", 300)
+    ref = fp64_reference(ckpts, (200, 300), (0.5, 0.5))
+    md_400 = _metadata(iteration_dir(ckpts, 400))
+    for key, x in load_dcp_tensors(out).items():
+        assert _chunks(_metadata(out), key) == _chunks(md_400, key), key
+        if key in ref and x.dtype == torch.float32:  # exact: a mean of two in fp32
+            assert torch.equal(x, ref[key].float()), key
+    objects_400 = _objects(iteration_dir(ckpts, 400))
+    assert _objects(out) == {k: v for k, v in objects_400.items() if key_group(k) == "model"}
+    info = json.loads((out / "merge_info.json").read_text())
+    assert info["layout_from"] == 400 and info["objects_from"] == 400
+    common = torch.load(out / "common.pt", weights_only=False)
+    assert common["iteration"] == 300 and common["args"].pipeline_model_parallel_size == 1
