@@ -16,7 +16,7 @@ import torch
 
 from wsm_megatron.cli.merge import main
 from wsm_megatron.layout import iteration_dir
-from wsm_megatron.merge import MergeConfig, MergeError, boxes, merge
+from wsm_megatron.merge import MergeConfig, MergeError, merge
 from wsm_megatron.merge.boxes import ChunkGrid, intersect, read_box
 from wsm_megatron.merge.contents import key_group
 from wsm_megatron.merge.dcp_format import StorageFiles, locate_tensor, storage_info
@@ -45,10 +45,9 @@ def _random_box(rng: random.Random, shape: tuple[int, ...]) -> tuple[tuple, tupl
 
 
 @pytest.mark.parametrize("window", [2**20, 64])
-def test_read_box_equals_torch_slicing(tmp_path, monkeypatch, window):
+def test_read_box_equals_torch_slicing(tmp_path, window):
     """Any sub-box of a stored chunk lands at any place of a piece buffer, through one pread
     (a run in both) or mapped windows (here also windows smaller than a row)."""
-    monkeypatch.setattr(boxes, "MAP_WINDOW_BYTES", window)
     rng = random.Random(window)
     files = StorageFiles()
     for case in range(60):
@@ -73,15 +72,8 @@ def test_read_box_equals_torch_slicing(tmp_path, monkeypatch, window):
         dst_shape = tuple(s + rng.randint(0, 3) for s in sizes)
         dst_offsets = tuple(rng.randint(0, d - s) for d, s in zip(dst_shape, sizes, strict=True))
         out = torch.zeros(dst_shape, dtype=dtype)
-        read_box(
-            files,
-            raw,
-            src_offsets,
-            sizes,
-            memoryview(out.view(-1).view(torch.uint8).numpy()),
-            dst_offsets,
-            dst_shape,
-        )
+        buffer = memoryview(out.view(-1).view(torch.uint8).numpy())
+        read_box(files, raw, src_offsets, sizes, buffer, dst_offsets, dst_shape, window)
         expected = torch.zeros(dst_shape, dtype=dtype)
         src = tuple(slice(o, o + n) for o, n in zip(src_offsets, sizes, strict=True))
         dst = tuple(slice(o, o + n) for o, n in zip(dst_offsets, sizes, strict=True))

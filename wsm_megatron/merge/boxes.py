@@ -22,8 +22,9 @@ import torch
 from wsm_megatron.merge.dcp_format import RawTensor, StorageFiles
 
 Box = tuple[tuple[int, ...], tuple[int, ...]]  # (offsets, sizes)
-MAP_WINDOW_BYTES = 2**20
-"""Largest file region one reader thread maps at a time (part of the budget's fixed reserve)."""
+MAP_WINDOW_BYTES = 8 * 2**20
+"""Largest file region one reader thread maps at a time (fewer, larger maps are faster: 1 MiB
+windows copy a column slice at ~1.7 GiB/s, 8 MiB ones at ~5 GiB/s on the 2-core VM)."""
 
 
 def intersect(a: Box, b: Box) -> Box | None:
@@ -97,9 +98,11 @@ def read_box(
     buffer: memoryview,
     dst_offsets: tuple[int, ...],
     dst_sizes: tuple[int, ...],
+    window: int = MAP_WINDOW_BYTES,
 ) -> None:
     """Copy the box ``src_offsets``/``sizes`` of the stored chunk ``raw`` into the box
-    ``dst_offsets``/``sizes`` of the row-major array of shape ``dst_sizes`` in ``buffer``."""
+    ``dst_offsets``/``sizes`` of the row-major array of shape ``dst_sizes`` in ``buffer``,
+    mapping at most ``window`` bytes of the file at a time."""
     isz = raw.itemsize
     if math.prod(sizes) == 0:
         return
@@ -110,7 +113,7 @@ def read_box(
         return
     dst = torch.frombuffer(buffer, dtype=raw.dtype, count=math.prod(dst_sizes)).view(dst_sizes)
     rel = tuple(d - s for d, s in zip(dst_offsets, src_offsets, strict=True))
-    for offsets, box in _windows(src_offsets, sizes, raw.size, MAP_WINDOW_BYTES // isz):
+    for offsets, box in _windows(src_offsets, sizes, raw.size, max(1, window // isz)):
         where = zip(offsets, rel, box, strict=True)
         target = dst[tuple(slice(o + r, o + r + n) for o, r, n in where)]
         _copy_mapped(files, raw, offsets, box, target)

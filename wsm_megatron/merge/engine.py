@@ -26,7 +26,7 @@ from functools import partial
 import torch
 
 from wsm_megatron.kernels import weighted_sum
-from wsm_megatron.merge.boxes import intersect, read_box
+from wsm_megatron.merge.boxes import MAP_WINDOW_BYTES, intersect, read_box
 from wsm_megatron.merge.dcp_format import RawTensor, StorageFiles, locate_tensor
 from wsm_megatron.merge.errors import MergeError
 from wsm_megatron.merge.plan import AVERAGE, BytesItem, Piece, RankPlan, Segment, Unit
@@ -173,6 +173,8 @@ class RankMerger:
         ]
         self._slot_mvs = [memoryview(s.numpy()) for s in self._slots]
         self._files = StorageFiles()
+        # Sub-box reads map at most one read slot's size of a file per reader thread.
+        self._map_window = min(MAP_WINDOW_BYTES, buffers.slot_bytes)
         self._locations: OrderedDict[tuple[int, str, tuple[int, ...]], RawTensor] = OrderedDict()
         self._lock = threading.Lock()
         self._writers = [ShardWriter(job.tmp_dir, plan.rank) for job in plan.jobs]
@@ -245,6 +247,7 @@ class RankMerger:
                     buffer,
                     tuple(o - p for o, p in zip(offsets, piece.offsets, strict=True)),
                     piece.sizes,
+                    self._map_window,
                 )
             except MergeError as err:
                 raise MergeError(f"{self._where(input_index, piece, segment)}: {err}") from None

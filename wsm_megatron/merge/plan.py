@@ -28,7 +28,7 @@ from wsm_megatron.merge.errors import MergeError
 AVERAGE, COPY = "average", "copy"
 _RESERVE_BYTES = 32 * 2**20
 """Part of the budget kept for everything but the piece buffers (plan, Python objects, the
-file windows reader threads map for sub-box reads: ``boxes.MAP_WINDOW_BYTES`` each)."""
+file windows reader threads map for sub-box reads: at most one slot or 8 MiB each)."""
 
 
 @dataclass(frozen=True)
