@@ -19,6 +19,7 @@ from wsm_megatron.merge.plan import (
     BytesItem,
     ChunkRef,
     Piece,
+    Segment,
     assign_ranks,
     size_buffers,
     split_chunk,
@@ -228,9 +229,8 @@ def test_split_chunk_tiles_contiguous_runs():
 
 
 def _piece(fqn: str, numel: int, offset: int) -> Piece:
-    chunk = ChunkRef(
-        fqn, (0,), (numel,), torch.float32, ((0, storage_info("__0_0.distcp", offset, 4 * numel)),)
-    )
+    segment = Segment((0,), (numel,), storage_info("__0_0.distcp", offset, 4 * numel))
+    chunk = ChunkRef(fqn, (0,), (numel,), torch.float32, ((0, (segment,)),))
     return Piece(chunk, AVERAGE, torch.float32, (0,), (numel,), 0)
 
 
@@ -247,7 +247,11 @@ def test_assign_ranks_balances_bytes_in_file_order():
         flat = [u for r in per_rank for u in r]  # contiguous runs of the file order
         assert flat == sorted(
             units,
-            key=lambda u: (u.chunk.sources if isinstance(u, Piece) else u.sources)[-1][1].offset,
+            key=lambda u: (
+                u.chunk.sources[-1][1][0].info.offset
+                if isinstance(u, Piece)
+                else u.sources[-1][1].offset
+            ),
         )
 
 

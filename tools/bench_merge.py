@@ -12,6 +12,11 @@ plus an fp32 tensor, saved with ``torch.distributed.checkpoint`` into 4 shard fi
 With ``--drop-caches`` (root) the page cache is dropped before each measurement, so every read
 comes from the device; otherwise the inputs, just written, are read from the page cache.
 
+With ``--cross-layout`` the checkpoints are saved at different layouts, as a run restarted at
+another TP would leave them: each tensor in 4 chunks, split by columns (the newest: the output's
+layout), by rows, or as a 2 x 2 grid, cycling from the newest back; the merge then reads every
+older input as sub-boxes of its chunks (strided, through mapped windows).
+
     python tools/bench_merge.py --workdir /tmp/wsm-bench --gib 1 --checkpoints 4 --drop-caches
 """
 
@@ -35,7 +40,36 @@ from wsm_megatron.testing.checkpoints import TORCH_DIST_CONFIG, megatron_args
 ROWS = 8192
 
 
-def build_inputs(root: Path, checkpoints: int, gib: float, interval: int) -> int:
+SPLITS = ((1, 4), (4, 1), (2, 2))  # (row parts, column parts): columns, rows, a grid
+
+
+def save_chunked(directory: Path, state: dict[str, torch.Tensor], split: tuple[int, int]) -> None:
+    """Save 2-D tensors in DCP's format, each cut into ``split`` chunks spread over 4 shard
+    files, with the merge's own writer (as several ranks of another layout would save them)."""
+    from wsm_megatron.merge.dcp_format import TensorProperties, TensorStorageMetadata
+    from wsm_megatron.merge.writer import WriteRecord, build_metadata, write_metadata
+
+    files = [open(directory / f"__{r}_0.distcp", "wb") for r in range(4)]
+    reference, records = {}, []
+    for name, t in state.items():
+        reference[name] = TensorStorageMetadata(TensorProperties(dtype=t.dtype), t.shape, [])
+        rows, cols = t.shape[0] // split[0], t.shape[1] // split[1]
+        for i in range(split[0]):
+            for j in range(split[1]):
+                chunk = t[i * rows : (i + 1) * rows, j * cols : (j + 1) * cols].clone()
+                f = files[len(records) % 4]
+                start = f.tell()
+                torch.save(chunk, f)  # as DCP stores a chunk: a torch.save blob
+                rec = (name, (i * rows, j * cols), tuple(chunk.shape), t.dtype)
+                records.append(WriteRecord(*rec, Path(f.name).name, start, f.tell() - start))
+    for f in files:
+        f.close()
+    write_metadata(directory, build_metadata(records, reference))
+
+
+def build_inputs(
+    root: Path, checkpoints: int, gib: float, interval: int, cross_layout: bool = False
+) -> int:
     """Write the inputs; returns the bytes of one checkpoint's tensors."""
     import torch.distributed.checkpoint as dcp
 
@@ -56,8 +90,11 @@ def build_inputs(root: Path, checkpoints: int, gib: float, interval: int) -> int
         state = {name: t + 1e-3 * (k + 1) for name, t in base.items()}
         d = iteration_dir(root, it)
         d.mkdir(parents=True)
-        writer = dcp.FileSystemWriter(str(d), thread_count=4)
-        dcp.save(state, storage_writer=writer, no_dist=True)
+        if cross_layout:
+            save_chunked(d, state, SPLITS[(checkpoints - 1 - k) % len(SPLITS)])
+        else:
+            writer = dcp.FileSystemWriter(str(d), thread_count=4)
+            dcp.save(state, storage_writer=writer, no_dist=True)
         torch.save(
             {"args": megatron_args(), "iteration": it, "checkpoint_version": 3.0}, d / "common.pt"
         )
@@ -142,6 +179,9 @@ def main() -> None:
     p.add_argument("--memory-budget-mb", type=float, default=512.0)
     p.add_argument("--ranks", default="1,2", help="merge ranks to measure, comma-separated")
     p.add_argument("--drop-caches", action="store_true", help="drop the page cache (root)")
+    p.add_argument(
+        "--cross-layout", action="store_true", help="inputs saved with different chunkings"
+    )
     p.add_argument("--keep", action="store_true", help="keep the work directory")
     p.add_argument("--json", type=Path, help="write the results here")
     args = p.parse_args()
@@ -159,10 +199,11 @@ def main() -> None:
         "checkpoints": args.checkpoints,
         "memory_budget_mb": args.memory_budget_mb,
         "page_cache": "dropped before each measurement" if args.drop_caches else "warm",
+        "cross_layout": args.cross_layout,
     }
     try:
         print(f"building {args.checkpoints} checkpoints of ~{args.gib} GiB in {root}", flush=True)
-        size = build_inputs(root, args.checkpoints, args.gib, interval=1000)
+        size = build_inputs(root, args.checkpoints, args.gib, 1000, args.cross_layout)
         results["checkpoint_bytes"] = size
         drop_caches(args.drop_caches)
         results["io_floor"] = floor = io_floor(root, size, work / "floor.bin")

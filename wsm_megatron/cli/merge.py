@@ -127,6 +127,12 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="GLOB",
         help="average matching floating tensors outside Megatron's model roots (repeatable)",
     )
+    n.add_argument(
+        "--layout-from",
+        type=int,
+        metavar="ITERATION",
+        help="the merged checkpoint whose TP/PP/EP layout the output takes (default: newest)",
+    )
     r = p.add_argument_group("resources and output")
     r.add_argument(
         "--memory-budget-mb",
@@ -181,6 +187,7 @@ def config_from_args(args: argparse.Namespace) -> MergeConfig:
         copy_from_newest=args.copy_from_newest,
         average=args.average,
         allow_partial_window=args.allow_partial_window,
+        layout_from=args.layout_from,
         memory_budget_mb=args.memory_budget_mb,
         io_threads=args.io_threads,
         threads=args.threads,

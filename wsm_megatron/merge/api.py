@@ -16,8 +16,10 @@ use a gloo group (a new one when the default group is NCCL).
 
 from __future__ import annotations
 
+import copy
 import time
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -26,12 +28,13 @@ import torch.distributed as dist
 
 import wsm_megatron
 from wsm_megatron.layout import iteration_dir
+from wsm_megatron.merge.boxes import ChunkGrid
 from wsm_megatron.merge.config import MergeConfig
 from wsm_megatron.merge.contents import ContentPolicy
 from wsm_megatron.merge.dcp_format import TensorStorageMetadata
 from wsm_megatron.merge.engine import RankMerger, RankOutcome
 from wsm_megatron.merge.errors import MergeError
-from wsm_megatron.merge.inputs import CONFIG_FILENAME, InputCheckpoint, check_same_layout
+from wsm_megatron.merge.inputs import CONFIG_FILENAME, InputCheckpoint, check_compatible
 from wsm_megatron.merge.plan import (
     AVERAGE,
     BytesItem,
@@ -39,7 +42,9 @@ from wsm_megatron.merge.plan import (
     InputRef,
     JobPlan,
     RankPlan,
+    Segment,
     assign_ranks,
+    overlapping_segments,
     pieces_of,
     size_buffers,
 )
@@ -108,8 +113,8 @@ class _Prepared:
     config: MergeConfig
     policy: ContentPolicy
     inputs: tuple[InputRef, ...]
-    reference: dict[str, Any]  # the newest input's state_dict_metadata
-    common_states: dict[int, dict[str, Any]]  # by input index, of each job's newest input
+    reference: dict[str, Any]  # the layout input's state_dict_metadata
+    common_states: dict[int, dict[str, Any]]  # by input index: newest and copy-source inputs
     selections: list[Selected]
     weights: list[MergeWeights]
     job_plans: list[JobPlan]
@@ -119,6 +124,7 @@ class _Prepared:
     chunks_streamed: int
     pieces: int
     averaged: set[str]
+    layout: int  # the input whose layout the output takes
 
     def cleanup(self) -> None:
         remove_tree([job.tmp_dir for job in self.job_plans])
@@ -148,41 +154,25 @@ def _prepare(config: MergeConfig, world_size: int) -> _Prepared:
 
     union = sorted({it for sel in selections for it in sel.iterations})
     inputs = [InputCheckpoint.open(config.input, it) for it in union]
-    check_same_layout(inputs, policy.include)
     position = {it: i for i, it in enumerate(union)}
+    layout = _layout_input(config, position)
+    reference = inputs[layout].metadata.state_dict_metadata
+    check_compatible(
+        inputs,
+        layout,
+        policy.include,
+        lambda k: policy.tensor_kind(k, reference[k].properties.dtype) == AVERAGE,
+    )
     job_inputs = [tuple(position[it] for it in sel.iterations) for sel in selections]
-    newest_inputs = sorted({ins[-1] for ins in job_inputs})
+    copy_from = [_copy_source(inputs, ins[-1], layout, policy.include) for ins in job_inputs]
+    newest_inputs = sorted({ins[-1] for ins in job_inputs} | set(copy_from))
+    copy_sources = sorted(set(copy_from))
     used_inputs = sorted({i for ins in job_inputs for i in ins})
     # Read now, so that a bad common state fails the merge before any work.
     common_states = {
         i: load_common_state(inputs[i].path, inputs[i].metadata) for i in newest_inputs
     }
-
-    reference = inputs[-1].metadata.state_dict_metadata
-    chunk_items: list[tuple[ChunkRef, str, torch.dtype]] = []
-    objects: list[BytesItem] = []
-    for fqn in sorted(k for k in reference if policy.include(k)):
-        md = reference[fqn]
-        if not isinstance(md, TensorStorageMetadata):
-            policy.check_object(fqn)
-            objects.append(
-                BytesItem(fqn, tuple((i, inputs[i].storage(fqn)) for i in newest_inputs))
-            )
-            continue
-        dtype = md.properties.dtype
-        kind = policy.tensor_kind(fqn, dtype)
-        out_dtype = config.output_torch_dtype if kind == AVERAGE and config.output_dtype else dtype
-        sources = used_inputs if kind == AVERAGE else newest_inputs
-        for chunk in sorted(md.chunks, key=lambda c: tuple(c.offsets)):
-            offsets = tuple(chunk.offsets)
-            ref = ChunkRef(
-                fqn,
-                offsets,
-                tuple(chunk.sizes),
-                dtype,
-                tuple((i, inputs[i].storage(fqn, offsets)) for i in sources),
-            )
-            chunk_items.append((ref, kind, out_dtype))
+    chunk_items, objects = _plan_items(config, policy, inputs, layout, used_inputs, copy_sources)
 
     # A piece is merged once all its inputs are read: room for them and the next piece's.
     buffers = size_buffers(
@@ -204,7 +194,7 @@ def _prepare(config: MergeConfig, world_size: int) -> _Prepared:
     created: list[Path] = []
     job_plans: list[JobPlan] = []
     refs = tuple(InputRef(c.iteration, c.path) for c in inputs)
-    # Only the newest input's metadata is kept: the plan holds every storage record it needs.
+    # Only the layout input's metadata is kept: the plan holds every storage record it needs.
     prepared = _Prepared(
         config,
         policy,
@@ -220,15 +210,18 @@ def _prepare(config: MergeConfig, world_size: int) -> _Prepared:
         streamed,
         len(units) - len(objects),
         {c.fqn for c, kind, _ in chunk_items if kind == AVERAGE},
+        layout,
     )
     try:
-        for job, sel, w, ins in zip(jobs, selections, weights, job_inputs, strict=True):
+        for j, (job, sel, w, ins) in enumerate(
+            zip(jobs, selections, weights, job_inputs, strict=True)
+        ):
             if not job.output_root.exists():
                 missing = [p for p in (job.output_root, *job.output_root.parents) if not p.exists()]
                 job.output_root.mkdir(parents=True)
                 created.extend(missing)
             tmp = make_tmp_dir(job.output_root, sel.iterations[-1])
-            job_plans.append(JobPlan(job.name, ins, tuple(w.coefficients), tmp))
+            job_plans.append(JobPlan(job.name, ins, tuple(w.coefficients), tmp, copy_from[j]))
     except BaseException:
         prepared.cleanup()
         raise
@@ -248,6 +241,114 @@ def _prepare(config: MergeConfig, world_size: int) -> _Prepared:
         for r in range(world_size)
     ]
     return prepared
+
+
+def _layout_input(config: MergeConfig, position: dict[int, int]) -> int:
+    """Index of the input whose layout the output takes: ``--layout-from`` or the newest."""
+    if config.layout_from is None:
+        return len(position) - 1
+    if config.layout_from not in position:
+        raise MergeError(
+            f"--layout-from {config.layout_from}: not one of the merged checkpoints "
+            f"({', '.join(map(str, position))})"
+        )
+    return position[config.layout_from]
+
+
+def _copy_source(inputs: list[InputCheckpoint], newest: int, layout: int, include: Any) -> int:
+    """Copied items (objects, integer tensors) of a job come from its newest input if that
+    has the output layout, else from the layout input: per-shard objects must match it."""
+    if newest == layout:
+        return newest
+    same = _layout_signature(inputs[newest], include) == _layout_signature(inputs[layout], include)
+    return newest if same else layout
+
+
+def _layout_signature(ckpt: InputCheckpoint, include: Any) -> set[tuple]:
+    """The stored objects and the tensor chunks of an input: equal for equal layouts."""
+    out = set()
+    for key, md in ckpt.metadata.state_dict_metadata.items():
+        if not include(key):
+            continue
+        if isinstance(md, TensorStorageMetadata):
+            out.update((key, tuple(c.offsets), tuple(c.sizes)) for c in md.chunks)
+        else:
+            out.add((key,))
+    return out
+
+
+class _SegmentFinder:
+    """The stored chunks of one tensor of one input that overlap an output chunk; at the output
+    layout (the same chunk list) each is the output chunk itself, found without an index."""
+
+    def __init__(self, ckpt: InputCheckpoint, fqn: str, layout_chunks: list[Any]) -> None:
+        self.ckpt, self.fqn = ckpt, fqn
+        stored = ckpt.metadata.state_dict_metadata[fqn].chunks
+        self.grid = None
+        if stored != layout_chunks:
+            self.grid = ChunkGrid([(tuple(c.offsets), tuple(c.sizes)) for c in stored])
+
+    def __call__(self, box: tuple) -> tuple[Segment, ...]:
+        if self.grid is None:
+            return (Segment(*box, self.ckpt.storage(self.fqn, box[0])),)
+        where = f"checkpoint {self.ckpt.path}, tensor {self.fqn!r}"
+        return overlapping_segments(self.grid, partial(self.ckpt.storage, self.fqn), box, where)
+
+
+def _plan_items(
+    config: MergeConfig,
+    policy: ContentPolicy,
+    inputs: list[InputCheckpoint],
+    layout: int,
+    used_inputs: list[int],
+    copy_sources: list[int],
+) -> tuple[list[tuple[ChunkRef, str, torch.dtype]], list[BytesItem]]:
+    """The output chunks (the layout input's) with, per input they are read from, the
+    overlapping stored chunks; and the objects, copied from ``copy_sources``."""
+    reference = inputs[layout].metadata.state_dict_metadata
+    chunk_items: list[tuple[ChunkRef, str, torch.dtype]] = []
+    objects: list[BytesItem] = []
+    for fqn in sorted(k for k in reference if policy.include(k)):
+        md = reference[fqn]
+        if not isinstance(md, TensorStorageMetadata):
+            policy.check_object(fqn)
+            objects.append(BytesItem(fqn, tuple((i, inputs[i].storage(fqn)) for i in copy_sources)))
+            continue
+        dtype = md.properties.dtype
+        kind = policy.tensor_kind(fqn, dtype)
+        out_dtype = config.output_torch_dtype if kind == AVERAGE and config.output_dtype else dtype
+        sources = used_inputs if kind == AVERAGE else copy_sources
+        locate = [_SegmentFinder(inputs[i], fqn, md.chunks) for i in sources]
+        for chunk in sorted(md.chunks, key=lambda c: tuple(c.offsets)):
+            box = (tuple(chunk.offsets), tuple(chunk.sizes))
+            segments = tuple((i, find(box)) for i, find in zip(sources, locate, strict=True))
+            chunk_items.append((ChunkRef(fqn, *box, dtype, segments), kind, out_dtype))
+    return chunk_items, objects
+
+
+_LAYOUT_ARGS = (
+    "tensor_model_parallel_size",
+    "pipeline_model_parallel_size",
+    "virtual_pipeline_model_parallel_size",
+    "num_layers_per_virtual_pipeline_stage",
+    "expert_model_parallel_size",
+    "expert_tensor_parallel_size",
+    "decoder_first_pipeline_num_layers",
+    "decoder_last_pipeline_num_layers",
+)
+
+
+def _with_layout_args(common: dict[str, Any], layout_common: dict[str, Any]) -> dict[str, Any]:
+    """``common`` (the newest input's) with the saved args' parallel layout of the input the
+    output's stored objects come from, so that the args describe the output's layout."""
+    args, layout_args = common.get("args"), layout_common.get("args")
+    if common is layout_common or args is None or layout_args is None:
+        return common
+    args = copy.copy(args)
+    for name in _LAYOUT_ARGS:
+        if hasattr(layout_args, name):
+            setattr(args, name, getattr(layout_args, name))
+    return {**common, "args": args}
 
 
 def _job_report(prepared: _Prepared, j: int) -> JobReport:
@@ -290,6 +391,8 @@ def _merge_info(prepared: _Prepared, j: int, counts: dict[str, Any]) -> dict[str
             "position_source": sel.position_source,
             "partial_window": sel.partial_window,
         },
+        layout_from=prepared.inputs[prepared.layout].iteration,
+        objects_from=prepared.inputs[prepared.job_plans[j].copy_from].iteration,
         optimizer_state="averaged" if config.keep_optimizer else "left out",
         rng_state="copied from newest" if config.keep_rng else "left out",
         **counts,
@@ -316,7 +419,11 @@ def _finalize(prepared: _Prepared, outcomes: list[RankOutcome]) -> list[Path]:
         newest = prepared.inputs[job_plan.newest]
         info = _merge_info(prepared, j, counts)
         common = prepared.policy.common_state(
-            prepared.common_states[job_plan.newest], provenance(info)
+            _with_layout_args(
+                prepared.common_states[job_plan.newest],
+                prepared.common_states[job_plan.copy_from],
+            ),
+            provenance(info),
         )
         tmp = job_plan.tmp_dir
         write_common(tmp, common)

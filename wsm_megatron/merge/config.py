@@ -312,6 +312,8 @@ class MergeConfig:
     copy_from_newest: Sequence[str] = ()
     average: Sequence[str] = ()
     allow_partial_window: bool = False
+    # The input whose TP/PP/EP layout (chunks and per-shard objects) the output takes.
+    layout_from: int | None = None
     # Resources, output handling, reporting.
     memory_budget_mb: float = DEFAULT_MEMORY_BUDGET_MB
     io_threads: int = 2
@@ -348,6 +350,8 @@ class MergeConfig:
             raise MergeError(f"--memory-budget-mb must be finite, got {self.memory_budget_mb!r}")
         _positive_int(self.io_threads, "--io-threads")
         _positive_int(self.threads, "--threads")
+        if self.layout_from is not None:
+            _positive_int(self.layout_from, "--layout-from", minimum=0)
         if self.input.resolve() == self.output.resolve():
             raise MergeError(
                 f"--output must differ from --input ({self.input}): the merge never writes into "

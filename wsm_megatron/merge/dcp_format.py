@@ -12,13 +12,16 @@ where the chunk's raw element bytes start, so that any sub-range can be read wit
 from __future__ import annotations
 
 import collections
+import contextlib
 import io
+import mmap
 import os
 import pickle
 import struct
 import threading
 import warnings
 import zipfile
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -110,6 +113,23 @@ class StorageFiles:
         buffer = bytearray(size)
         self.read_into(path, offset, memoryview(buffer))
         return bytes(buffer)
+
+    @contextlib.contextmanager
+    def map(self, path: Path, offset: int, length: int) -> Iterator[mmap.mmap]:
+        """A private map of ``length`` bytes of ``path`` at ``offset`` (a multiple of
+        ``mmap.ALLOCATIONGRANULARITY``); a file shorter than that is an error, not a SIGBUS."""
+        fd = self._fd(path)
+        size = os.fstat(fd).st_size
+        if offset + length > size:
+            raise MergeError(
+                f"{path} is truncated: expected {length} bytes at offset {offset}, "
+                f"the file has {size}"
+            )
+        region = mmap.mmap(fd, length, access=mmap.ACCESS_COPY, offset=offset)
+        try:
+            yield region
+        finally:
+            region.close()
 
     def close(self) -> None:
         with self._lock:

@@ -25,10 +25,11 @@ from functools import partial
 
 import torch
 
+from wsm_megatron.merge.boxes import MAP_WINDOW_BYTES, intersect, read_box
 from wsm_megatron.merge.combine import combine
 from wsm_megatron.merge.dcp_format import RawTensor, StorageFiles, locate_tensor
 from wsm_megatron.merge.errors import MergeError
-from wsm_megatron.merge.plan import AVERAGE, BytesItem, Piece, RankPlan, Unit
+from wsm_megatron.merge.plan import AVERAGE, BytesItem, Piece, RankPlan, Segment, Unit
 from wsm_megatron.merge.writer import ShardWriter, WriteRecord
 
 
@@ -172,36 +173,40 @@ class RankMerger:
         ]
         self._slot_mvs = [memoryview(s.numpy()) for s in self._slots]
         self._files = StorageFiles()
+        # Sub-box reads map at most one read slot's size of a file per reader thread.
+        self._map_window = min(MAP_WINDOW_BYTES, buffers.slot_bytes)
         self._locations: OrderedDict[tuple[int, str, tuple[int, ...]], RawTensor] = OrderedDict()
         self._lock = threading.Lock()
         self._writers = [ShardWriter(job.tmp_dir, plan.rank) for job in plan.jobs]
-        # For each input, the jobs it is the newest input of (copied items come from it).
-        self._newest_of = {
-            i: [j for j, job in enumerate(plan.jobs) if job.newest == i]
+        # For each input, the jobs whose copied items come from it.
+        self._copies_of = {
+            i: [j for j, job in enumerate(plan.jobs) if job.copy_from == i]
             for i in range(len(plan.inputs))
         }
         self._found = torch.zeros(1, dtype=torch.int32)  # the kernels' non-finite flag
         self._prefetch: _Prefetcher | None = None
         self._write_behind: _WriteBehind | None = None
 
-    def _where(self, input_index: int, unit: Unit) -> str:
+    def _where(self, input_index: int, unit: Unit, segment: Segment | None = None) -> str:
         path = self.plan.inputs[input_index].path
         if isinstance(unit, BytesItem):
             return f"checkpoint {path}, object {unit.fqn!r}"
-        return f"checkpoint {path}, tensor {unit.chunk.fqn!r} (chunk at {unit.chunk.offsets})"
+        offsets = unit.chunk.offsets if segment is None else segment.offsets
+        return f"checkpoint {path}, tensor {unit.chunk.fqn!r} (chunk at {offsets})"
 
-    def _locate(self, input_index: int, piece: Piece, info: object) -> RawTensor:
-        key = (input_index, piece.chunk.fqn, piece.chunk.offsets)
+    def _locate(self, input_index: int, piece: Piece, segment: Segment) -> RawTensor:
+        key = (input_index, piece.chunk.fqn, segment.offsets)
         with self._lock:
             raw = self._locations.get(key)
         if raw is None:
+            info = segment.info
             raw = locate_tensor(
                 self._files,
                 self.plan.inputs[input_index].path / info.relative_path,
                 info,
-                where=self._where(input_index, piece),
+                where=self._where(input_index, piece, segment),
                 expected_dtype=piece.chunk.dtype,
-                expected_size=piece.chunk.sizes,
+                expected_size=segment.sizes,
             )
             with self._lock:
                 self._locations[key] = raw
@@ -211,20 +216,41 @@ class RankMerger:
 
     def _read(self, request: _Read, slot: int) -> None:
         unit = request.unit
-        sources = unit.chunk.sources if isinstance(unit, Piece) else unit.sources
-        input_index, info = sources[request.source]
         buffer = self._slot_mvs[slot][: request.size]
         if isinstance(unit, Piece):
-            raw = self._locate(input_index, unit, info)
-            path = raw.path
-            offset = raw.data_offset + unit.start * raw.itemsize
-        else:
-            path = self.plan.inputs[input_index].path / info.relative_path
-            offset = info.offset + request.offset
+            self._read_piece(unit, request.source, buffer)
+            return
+        input_index, info = unit.sources[request.source]
+        path = self.plan.inputs[input_index].path / info.relative_path
         try:
-            self._files.read_into(path, offset, buffer)
+            self._files.read_into(path, info.offset + request.offset, buffer)
         except MergeError as err:
             raise MergeError(f"{self._where(input_index, unit)}: {err}") from None
+
+    def _read_piece(self, piece: Piece, source: int, buffer: memoryview) -> None:
+        """Fill ``buffer`` with the piece's box of one input: its intersection with each
+        overlapping stored chunk of that input (one, the whole box, at the output layout)."""
+        input_index, segments = piece.chunk.sources[source]
+        box = (piece.offsets, piece.sizes)
+        for segment in segments:
+            common = intersect(box, (segment.offsets, segment.sizes))
+            if common is None:
+                continue
+            raw = self._locate(input_index, piece, segment)
+            offsets, sizes = common
+            try:
+                read_box(
+                    self._files,
+                    raw,
+                    tuple(o - s for o, s in zip(offsets, segment.offsets, strict=True)),
+                    sizes,
+                    buffer,
+                    tuple(o - p for o, p in zip(offsets, piece.offsets, strict=True)),
+                    piece.sizes,
+                    self._map_window,
+                )
+            except MergeError as err:
+                raise MergeError(f"{self._where(input_index, piece, segment)}: {err}") from None
 
     def _tensor(self, mv: memoryview, dtype: torch.dtype, piece: Piece) -> torch.Tensor:
         """A tensor owning exactly ``mv``'s bytes (``torch.save`` then writes only those)."""
@@ -294,7 +320,7 @@ class RankMerger:
             if piece.kind != AVERAGE:  # copied: written from the read buffer, then released
                 if check:
                     self._check_finite(x, input_index, piece)
-                jobs = self._newest_of[input_index]
+                jobs = self._copies_of[input_index]
                 for k, j in enumerate(jobs):
                     release = partial(self._prefetch.release, slot) if k == len(jobs) - 1 else None
                     self._write(self._writers[j], fqn, offsets, x, release)
@@ -342,7 +368,7 @@ class RankMerger:
 
     def _copy_object(self, item: BytesItem, stream: Iterator[tuple[_Read, int]]) -> None:
         for input_index, info in item.sources:
-            writers = [self._writers[j] for j in self._newest_of[input_index]]
+            writers = [self._writers[j] for j in self._copies_of[input_index]]
             for writer in writers:
                 self._write_behind.submit(writer.begin_object)
             for _ in range(len(range(0, info.length, self.plan.buffers.slot_bytes)) or 1):

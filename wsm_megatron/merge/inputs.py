@@ -1,5 +1,5 @@
 """Input checkpoints: open one Megatron ``torch_dist`` iteration directory, check that it is
-complete, and check that all inputs of a merge share one layout."""
+complete, and check that the inputs of a merge are compatible (layouts may differ)."""
 
 from __future__ import annotations
 
@@ -11,7 +11,6 @@ from typing import Any
 
 from wsm_megatron.layout import iteration_dir
 from wsm_megatron.merge.dcp_format import (
-    BytesStorageMetadata,
     Metadata,
     MetadataIndex,
     TensorStorageMetadata,
@@ -21,10 +20,6 @@ from wsm_megatron.merge.errors import MergeError
 from wsm_megatron.merge.selection import COMMON_FILENAME, has_common_state
 
 CONFIG_FILENAME = "metadata.json"
-
-
-def _chunk_layout(md: TensorStorageMetadata) -> list[tuple[tuple[int, ...], tuple[int, ...]]]:
-    return sorted((tuple(c.offsets), tuple(c.sizes)) for c in md.chunks)
 
 
 @dataclass
@@ -94,15 +89,27 @@ class InputCheckpoint:
         return self.metadata.storage_data[MetadataIndex(fqn, offsets)]
 
 
-def check_same_layout(inputs: Sequence[InputCheckpoint], include: Callable[[str], bool]) -> None:
-    """All inputs must have the same included keys, kinds, global shapes, dtypes and chunks
-    (checkpoints of one run saved at one TP/PP layout); the newest input is the reference."""
-    ref = inputs[-1]
+def _tensor_keys(ckpt: InputCheckpoint, include: Callable[[str], bool]) -> set[str]:
+    md = ckpt.metadata.state_dict_metadata
+    return {k for k in ckpt.keys(include) if isinstance(md[k], TensorStorageMetadata)}
+
+
+def check_compatible(
+    inputs: Sequence[InputCheckpoint],
+    layout: int,
+    include: Callable[[str], bool],
+    averaged: Callable[[str], bool],
+) -> None:
+    """Inputs saved at any TP/PP/EP layout merge if they have the same included tensor keys and
+    each averaged tensor has one global shape and dtype; their chunks may differ. ``inputs[layout]``
+    is the reference. (Stored objects are copied from inputs at the output layout only, so
+    their keys, which name shards of a layout, may differ.)"""
+    ref = inputs[layout]
     ref_md = ref.metadata.state_dict_metadata
-    ref_keys = ref.keys(include)
-    for ckpt in inputs[:-1]:
+    ref_keys = _tensor_keys(ref, include)
+    for ckpt in inputs:
         md = ckpt.metadata.state_dict_metadata
-        keys = ckpt.keys(include)
+        keys = _tensor_keys(ckpt, include)
         if keys != ref_keys:
             only_here, only_ref = sorted(keys - ref_keys), sorted(ref_keys - keys)
             detail = []
@@ -115,30 +122,19 @@ def check_same_layout(inputs: Sequence[InputCheckpoint], include: Callable[[str]
                 + "; ".join(detail)
                 + ")"
             )
-        for key in sorted(ref_keys):
+        for key in sorted(k for k in ref_keys if averaged(k)):
             a, b = md[key], ref_md[key]
-            if isinstance(a, BytesStorageMetadata) or isinstance(b, BytesStorageMetadata):
-                if type(a) is not type(b):
-                    raise MergeError(
-                        f"tensor {key!r} is an object in one of {ckpt.path} and {ref.path} "
-                        "and a tensor in the other"
-                    )
-                continue
             if tuple(a.size) != tuple(b.size):
                 raise MergeError(
-                    f"tensor {key!r}: shape {tuple(a.size)} in {ckpt.path} but "
-                    f"{tuple(b.size)} in {ref.path}"
+                    f"tensor {key!r}: global shape {tuple(a.size)} at iteration "
+                    f"{ckpt.iteration} ({ckpt.path}) but {tuple(b.size)} at iteration "
+                    f"{ref.iteration} (a vocabulary padded for another TP size?); tensors whose "
+                    "global shapes differ cannot be merged"
                 )
             if a.properties.dtype != b.properties.dtype:
                 raise MergeError(
-                    f"tensor {key!r}: dtype {a.properties.dtype} in {ckpt.path} but "
-                    f"{b.properties.dtype} in {ref.path}"
-                )
-            if _chunk_layout(a) != _chunk_layout(b):
-                raise MergeError(
-                    f"tensor {key!r}: stored chunks differ between {ckpt.path} and {ref.path} "
-                    f"({len(a.chunks)} vs {len(b.chunks)} chunks; was training resumed at another "
-                    "TP/PP/EP layout?). Re-save the checkpoints at one layout before merging"
+                    f"tensor {key!r}: dtype {a.properties.dtype} at iteration {ckpt.iteration} "
+                    f"({ckpt.path}) but {b.properties.dtype} at iteration {ref.iteration}"
                 )
 
 

@@ -1,39 +1,56 @@
-"""Work units of a merge: stored chunks cut into pieces that fit the memory budget, and a
+"""Work units of a merge: output chunks cut into pieces that fit the memory budget, and a
 byte-balanced assignment of the units to merge ranks.
 
-Every stored tensor chunk is contiguous, so any row-major run of it is a contiguous byte range
-in each input file: :func:`split_chunk` cuts a chunk into boxes whose elements are such runs
-(rows along the outermost dimension that keeps a box under the piece capacity). The pieces
-depend on the budget only, never on the number of ranks; ranks receive contiguous runs of the
-unit list (ordered by position in the newest input's files) carrying equal shares of bytes.
+The output takes the chunks of one input (the layout input). Each output chunk records, per
+input it is read from, the stored chunks of that input that overlap it (:class:`Segment`;
+exactly one, the same box, when the input has the output's layout). :func:`split_chunk` cuts an
+output chunk into boxes whose elements are contiguous runs (rows along the outermost dimension
+that keeps a box under the piece capacity); a piece then reads, from every input, its
+intersection with each overlapping stored chunk. The pieces depend on the budget only, never on
+the number of ranks; ranks receive contiguous runs of the unit list (ordered by position in the
+newest input's files) carrying equal shares of bytes.
 """
 
 from __future__ import annotations
 
 import itertools
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
 from wsm_megatron.kernels import SUPPORTED_DTYPES
+from wsm_megatron.merge.boxes import ChunkGrid, intersect
+from wsm_megatron.merge.errors import MergeError
 
 AVERAGE, COPY = "average", "copy"
 _RESERVE_BYTES = 32 * 2**20
-"""Part of the budget kept for everything but the piece buffers (plan, Python objects)."""
+"""Part of the budget kept for everything but the piece buffers (plan, Python objects, the
+file windows reader threads map for sub-box reads: at most one slot or 8 MiB each)."""
+
+
+@dataclass(frozen=True)
+class Segment:
+    """A stored chunk of an input that overlaps an output chunk: its global box and where the
+    input stores it."""
+
+    offsets: tuple[int, ...]
+    sizes: tuple[int, ...]
+    info: object  # _StorageInfo
 
 
 @dataclass(frozen=True)
 class ChunkRef:
-    """One stored chunk of a tensor and where each needed input stores it."""
+    """One output chunk of a tensor and, per input it is read from, the overlapping stored
+    chunks of that input."""
 
     fqn: str
     offsets: tuple[int, ...]
     sizes: tuple[int, ...]
     dtype: torch.dtype
-    sources: tuple[tuple[int, object], ...]  # (input index, _StorageInfo)
+    sources: tuple[tuple[int, tuple[Segment, ...]], ...]  # (input index, segments)
 
     @property
     def numel(self) -> int:
@@ -141,6 +158,24 @@ def split_chunk(
     return boxes
 
 
+def overlapping_segments(
+    grid: ChunkGrid, storage: Callable[[tuple[int, ...]], object], box: tuple, where: str
+) -> tuple[Segment, ...]:
+    """The stored chunks of ``grid`` overlapping the output chunk ``box``; they must cover it
+    exactly once (``storage`` gives a chunk's ``_StorageInfo`` from its offsets)."""
+    found = grid.overlapping(box)
+    if found == [box]:  # the same chunk
+        return (Segment(*box, storage(box[0])),)
+    common = [(chunk, intersect(chunk, box)) for chunk in found]
+    covered = sum(math.prod(part[1]) for _, part in common if part is not None)
+    if covered != math.prod(box[1]):
+        raise MergeError(
+            f"{where}: the stored chunks cover {covered} of the {math.prod(box[1])} elements of "
+            f"the box at {box[0]} of size {box[1]} (corrupt .metadata?)"
+        )
+    return tuple(Segment(*chunk, storage(chunk[0])) for chunk, part in common if part is not None)
+
+
 def pieces_of(chunk: ChunkRef, kind: str, out_dtype: torch.dtype, capacity: int) -> list[Piece]:
     return [
         Piece(
@@ -171,8 +206,13 @@ def unit_cost(unit: Unit) -> int:
 
 def _position(unit: Unit) -> tuple[str, int, int]:
     """Where the newest needed input stores the unit: file, item offset, element offset."""
-    _, info = unit.chunk.sources[-1] if isinstance(unit, Piece) else unit.sources[-1]
-    return (info.relative_path, info.offset, unit.start if isinstance(unit, Piece) else 0)
+    if isinstance(unit, BytesItem):
+        info = unit.sources[-1][1]
+        return (info.relative_path, info.offset, 0)
+    segments = unit.chunk.sources[-1][1]
+    if not segments:  # an empty chunk
+        return ("", 0, 0)
+    return (segments[0].info.relative_path, segments[0].info.offset, unit.start)
 
 
 def assign_ranks(units: Sequence[Unit], world_size: int) -> list[list[Unit]]:
@@ -201,13 +241,14 @@ class InputRef:
 
 @dataclass(frozen=True)
 class JobPlan:
-    """One output: its inputs (indices into the plan's inputs, oldest first), coefficients and
-    the temporary directory the ranks write into."""
+    """One output: its inputs (indices into the plan's inputs, oldest first), coefficients,
+    the input its copied items come from and the temporary directory the ranks write into."""
 
     name: str | None
     inputs: tuple[int, ...]
     coefficients: tuple[float, ...]
     tmp_dir: Path
+    copy_from: int
 
     @property
     def newest(self) -> int:

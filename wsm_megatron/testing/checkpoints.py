@@ -16,7 +16,8 @@
 - :func:`load_dcp_tensors`: every tensor of a checkpoint as a global tensor, read by DCP itself
   (an independent reference for merge results); :func:`fp64_reference` a merge in fp64 from it.
 - :func:`shared_megatron_checkpoints`: write a set once per directory, safe across processes
-  (pytest-xdist workers), for a session-scoped fixture.
+  (pytest-xdist workers), for a session-scoped fixture; with ``layouts``, groups of iterations
+  saved at different TP/PP (a run restarted at another layout).
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import fcntl
+import itertools
 import json
 import os
 import pickle
@@ -419,13 +421,22 @@ def fp64_reference(
     return ref
 
 
+def _write_at_layout(root: str, iterations: list[int], tp: int, pp: int) -> dict[str, Any]:
+    return write_megatron_checkpoints(root, iterations, tp=tp, pp=pp)
+
+
 def shared_megatron_checkpoints(
-    directory: str | os.PathLike[str], iterations: Sequence[int]
+    directory: str | os.PathLike[str],
+    iterations: Sequence[int],
+    layouts: Sequence[tuple[int, int]] | None = None,
 ) -> Path:
-    """``directory/ckpts``: :func:`write_megatron_checkpoints` (TP=2, PP=2) at ``iterations``
-    on 4 gloo ranks, written once; concurrent callers wait on a file lock."""
+    """``directory/ckpts``: :func:`write_megatron_checkpoints` at ``iterations`` on 4 gloo
+    ranks, written once; concurrent callers wait on a file lock. ``layouts`` gives each
+    iteration's ``(tp, pp)`` (default: TP=2, PP=2 for all); consecutive iterations of one layout
+    are saved by one job (data-parallel where ``tp * pp < 4``)."""
     from wsm_megatron.testing.distributed import run_distributed
 
+    layouts = list(layouts) if layouts is not None else [(2, 2)] * len(iterations)
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     root = directory / "ckpts"
@@ -433,6 +444,10 @@ def shared_megatron_checkpoints(
         fcntl.flock(lock, fcntl.LOCK_EX)
         if not (directory / "ckpts.done").exists():
             shutil.rmtree(root, ignore_errors=True)
-            run_distributed(write_megatron_checkpoints, 4, str(root), list(iterations))
+            for (tp, pp), group in itertools.groupby(
+                zip(layouts, iterations, strict=True), key=lambda x: x[0]
+            ):
+                its = [it for _, it in group]
+                run_distributed(_write_at_layout, 4, str(root), its, tp, pp)
             (directory / "ckpts.done").touch()
     return root
