@@ -34,7 +34,7 @@ SMALL = [  # as in test_tune.py
     "logging.wandb_mode=disabled",
     "corpus.vocab_size=512",
     "corpus.max_files=30",
-    "checkpoint.save_interval=4",
+    "checkpoint.save_interval=2",
     "train.train_iters=4",
 ]
 DOCS = [
@@ -68,7 +68,7 @@ doc_to_target: answer
 
 @pytest.fixture(scope="module")
 def run(shared_tmp, tmp_path_factory) -> tuple[list[str], Path, Path]:
-    """A 4-iteration TP=2 run's checkpoint and a directory of local task YAMLs."""
+    """A 4-iteration TP=2 run's checkpoints (2 and 4) and a directory of local task YAMLs."""
     root = tmp_path_factory.mktemp("eval-run")
     overrides = [
         *SMALL,
@@ -156,6 +156,12 @@ def _wsm_eval(argv: list[str]) -> int:
     return main(argv)
 
 
+def _wsm_tune(argv: list[str]) -> int:
+    from wsm_megatron.cli.tune import main
+
+    return main(argv)
+
+
 def test_adapter_matches_a_direct_forward_and_scores_a_local_task_at_tp2(run, tmp_path):
     overrides, ckpts, tasks = run
     ranks = run_distributed(_adapter_checks, 2, overrides, str(ckpts), str(tasks))
@@ -171,6 +177,16 @@ def test_adapter_matches_a_direct_forward_and_scores_a_local_task_at_tp2(run, tm
     assert run_distributed(_wsm_eval, 2, argv) == [0, 0]
     results = json.loads((tmp_path / "e.json").read_text())
     assert results["wsm_local_mc"]["acc,none"] == out["expected_acc"]
+
+    # wsm-tune --tasks val,lm-eval:TASK: the newest checkpoint's row is wsm-eval's accuracy.
+    argv = ["--config", str(TINY), *overrides, "--checkpoints", str(ckpts), "--durations", "2"]
+    argv += ["--tasks", "lm-eval:wsm_local_mc,val", "--include-path", str(tasks)]
+    assert run_distributed(_wsm_tune, 2, [*argv, "--output", str(tmp_path / "tune")]) == [0, 0]
+    tuned = json.loads((tmp_path / "tune" / "tune.json").read_text())
+    rows = {row["name"]: row for row in tuned["candidates"]}
+    assert rows["newest"]["scores"]["lm-eval:wsm_local_mc"] == out["expected_acc"]
+    assert set(rows["2:linear"]["scores"]) == {"lm-eval:wsm_local_mc", "val"}
+    assert tuned["task"] == "lm-eval:wsm_local_mc"
     assert out["offline"].startswith("lm-eval tasks wsm_hub_only: the data is not local (")
     assert "dataset_path: json" in out["offline"] and "\n" not in out["offline"]
     assert len(out["rolling"]) == 1 and out["rolling"][0] < 0
@@ -179,10 +195,16 @@ def test_adapter_matches_a_direct_forward_and_scores_a_local_task_at_tp2(run, tm
 
 def test_unknown_task_is_one_line(run, capsys):
     from wsm_megatron.cli.eval import main
+    from wsm_megatron.cli.tune import main as tune_main
 
     _, ckpts, tasks = run
     argv = ["--config", str(TINY), "--checkpoint", str(ckpts), "--tasks", "no_such_task"]
     assert main([*argv, "--include-path", str(tasks)]) == 1
     err = capsys.readouterr().err
     assert err.startswith("wsm-eval: error: unknown lm-eval task 'no_such_task'")
+    assert err.count("\n") == 1
+    argv = ["--config", str(TINY), "--checkpoints", str(ckpts), "--durations", "2", "--tasks"]
+    assert tune_main([*argv, "lm-eval:no_such_task", "--include-path", str(tasks)]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("wsm-tune: error: unknown lm-eval task 'no_such_task'")
     assert err.count("\n") == 1

@@ -7,6 +7,7 @@ Examples::
     torchrun --nproc-per-node 2 -m wsm_megatron.cli.tune --config configs/tiny-cpu.yaml \\
         --checkpoints runs/demo/checkpoints --durations 2,4,8,16 \\
         --schedules linear,minus-sqrt,ema --output runs/demo/tune --save-best runs/demo/best
+    wsm-tune ... --tasks val,lm-eval:my_task --include-path my_tasks/
 
 Launched like training, at the run's TP/PP layout (config overrides ``section.key=value``).
 Exit status: 0 on success, 1 when tuning fails on its input (one ``wsm-tune: error:`` line
@@ -71,8 +72,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument(
         "--tasks", type=_str_list, default=["val"], metavar="TASK,...",
-        help="scores; the first ranks the candidates (val: validation loss, the default)",
+        help="scores: val (validation loss, the default) and lm-eval:TASK (lm-evaluation-harness, "
+        "extra [eval]); the first ranks the candidates",
     )  # fmt: skip
+    p.add_argument("--include-path", type=Path, metavar="DIR", help="local lm-eval task YAMLs")
+    p.add_argument("--limit", type=int, metavar="N", help="at most N documents per lm-eval task")
     p.add_argument("--output", type=Path, default=Path("tune"), metavar="DIR", help="(./tune)")
     p.add_argument("--save-best", type=Path, metavar="DIR", help="write the best merge here")
     p.add_argument(
@@ -105,6 +109,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             tasks=tuple(args.tasks),
             save_best=args.save_best,
             snapshot_memory_gb=args.snapshot_memory_gb,
+            include_path=args.include_path,
+            limit=args.limit,
         )
     except (ConfigError, MergeError) as err:
         if is_main:

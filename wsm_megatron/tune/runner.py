@@ -23,7 +23,6 @@ import torch.distributed as dist
 from wsm_megatron.kernels import accumulate_
 from wsm_megatron.merge.errors import MergeError
 from wsm_megatron.training.config import WSMConfig
-from wsm_megatron.training.evaluate import ValidBatches, evaluate
 from wsm_megatron.training.online_merge import (
     GIB,
     SnapshotRing,
@@ -176,17 +175,3 @@ class CandidateRunner:
                 continue
             copy_into(self.live, accs[c.name])
             out[c.name] = score()
-
-
-def validation_scorer(
-    model: list[torch.nn.Module],
-    valid_batches: ValidBatches,
-    config: WSMConfig,
-    num_microbatches: int,
-) -> Scorer:
-    """``val``: the validation loss on the batches of training's evaluation."""
-
-    def score() -> Scores:
-        return {"val": evaluate(model, valid_batches, config, num_microbatches)}
-
-    return score
