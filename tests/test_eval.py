@@ -1,5 +1,6 @@
 """The lm-eval adapter (``wsm-eval``) at TP=2 on CPU over gloo, on a checkpoint of a real run.
 
+- Its log-likelihoods and greedy generations at TP=2 x PP=2 are those at TP=2.
 - Its log-likelihoods equal a direct forward pass of the same model on the same tokens (logits
   gathered over TP by hand, log-softmax in fp64: equal to ~1e-5, the adapter works in fp32), and
   its greedy flags the argmax of those logits.
@@ -56,6 +57,8 @@ doc_to_target: answer
 metric_list:
   - metric: acc
 """
+PAIRS = [("def f(x):\n    return", " x"), ("import os\n", "import sys"), ("", "for i in")]
+GENERATE = ("def f(x):\n", {"until": ["\n\n"], "max_gen_toks": 5})
 HUB_YAML = """task: wsm_hub_only
 dataset_path: wsm-nonexistent-org/no-such-dataset
 test_split: test
@@ -120,11 +123,9 @@ def _adapter_checks(overrides: list[str], ckpt: str, tasks: str) -> dict:
     load_model_only(model, ckpt)
     lm = model_lm(session, model)
     vocab = lm.tokenizer.vocab_size
-    pairs = [("def f(x):\n    return", " x"), ("import os\n", "import sys"), ("", "for i in")]
-    requests = [SimpleNamespace(args=p) for p in pairs]
-    adapter = lm.loglikelihood(requests)
+    adapter = lm.loglikelihood([SimpleNamespace(args=p) for p in PAIRS])
     direct = []
-    for context, continuation in pairs:
+    for context, continuation in PAIRS:
         ctx, cont = lm._encode_pair(context, continuation)
         direct.append(_direct_loglikelihood(model, ctx + cont, len(cont), vocab))
     chosen = []  # the multiple-choice answers the adapter's own log-likelihoods give
@@ -144,9 +145,21 @@ def _adapter_checks(overrides: list[str], ckpt: str, tasks: str) -> dict:
         "expected_acc": sum(chosen) / len(chosen),
         "offline": offline,
         "rolling": lm.loglikelihood_rolling([SimpleNamespace(args=("x = 1\n" * 20,))]),
-        "generated": lm.generate_until(
-            [SimpleNamespace(args=("def f(x):\n", {"until": ["\n\n"], "max_gen_toks": 5}))]
-        ),
+        "generated": lm.generate_until([SimpleNamespace(args=GENERATE)]),
+    }
+
+
+def _adapter_pipeline(overrides: list[str], ckpt: str) -> dict:
+    from wsm_megatron.eval.harness import model_lm
+    from wsm_megatron.training.checkpointing import load_model_only
+    from wsm_megatron.training.trainer import eval_session
+
+    session, model = eval_session(load_config(TINY, overrides))
+    load_model_only(model, ckpt)
+    lm = model_lm(session, model)
+    return {
+        "adapter": lm.loglikelihood([SimpleNamespace(args=p) for p in PAIRS]),
+        "generated": lm.generate_until([SimpleNamespace(args=GENERATE)]),
     }
 
 
@@ -191,6 +204,15 @@ def test_adapter_matches_a_direct_forward_and_scores_a_local_task_at_tp2(run, tm
     assert "dataset_path: json" in out["offline"] and "\n" not in out["offline"]
     assert len(out["rolling"]) == 1 and out["rolling"][0] < 0
     assert len(out["generated"]) == 1 and isinstance(out["generated"][0], str)
+
+    # TP=2 x PP=2 (4 processes, the same checkpoint): the same log-likelihoods and generation.
+    pipeline = run_distributed(
+        _adapter_pipeline, 4, [*overrides, "parallel.pipeline_model_parallel_size=2"], str(ckpts)
+    )
+    for rank in pipeline:
+        assert rank["generated"] == out["generated"]
+        for (ll, greedy), (ref, ref_greedy) in zip(rank["adapter"], out["adapter"], strict=True):
+            assert ll == pytest.approx(ref, rel=1e-6) and greedy == ref_greedy
 
 
 def test_unknown_task_is_one_line(run, capsys):

@@ -9,7 +9,7 @@ from pathlib import Path
 
 from wsm_megatron.merge.config import Selection, Weighting, format_token_count
 from wsm_megatron.merge.errors import MergeError
-from wsm_megatron.merge.selection import Selected, read_run_point, select_checkpoints
+from wsm_megatron.merge.selection import Selected, select_checkpoints
 
 
 @dataclass(frozen=True)
@@ -81,11 +81,9 @@ def build_candidates(root: Path, grid: TuneGrid) -> list[Candidate]:
                     weights.coefficients,
                 )
             )
-    assert selected is not None  # the grid has a window
-    newest = selected.iterations[-1]
-    point = read_run_point(root, newest)
-    position = selected.positions[-1] if point.consumed_samples else newest
-    return [Candidate("newest", "1", None, (newest,), (position,), (1.0,)), *rows]
+    assert selected is not None  # the grid has a window; every window ends at the newest
+    newest = (selected.iterations[-1],), (selected.positions[-1],)
+    return [Candidate("newest", "1", None, *newest, (1.0,)), *rows]
 
 
 def window_of(candidates: Sequence[Candidate]) -> tuple[int, ...]:
