@@ -1,11 +1,11 @@
 """The lm-eval adapter (``wsm-eval``) at TP=2 on CPU over gloo, on a checkpoint of a real run.
 
-- Its log-likelihoods and greedy generations at TP=2 x PP=2 are those at TP=2.
 - Its log-likelihoods equal a direct forward pass of the same model on the same tokens (logits
   gathered over TP by hand, log-softmax in fp64: equal to ~1e-5, the adapter works in fp32), and
-  its greedy flags the argmax of those logits.
+  its greedy flags the argmax of those logits; at TP=2 x PP=2 it gives what it gives at TP=2.
 - A local multiple-choice task (a JSONL and a task YAML written here) scores end to end through
-  lm-eval; its accuracy is the one the adapter's own log-likelihoods give.
+  ``wsm-eval`` (lm-eval); its accuracy is the one the adapter's own log-likelihoods give, and
+  ``wsm-tune --tasks lm-eval:TASK,val`` reports the same for the newest checkpoint.
 - Unknown tasks and tasks whose data is not local fail with one line.
 """
 
