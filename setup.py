@@ -25,10 +25,12 @@ setup(
         "matplotlib",
         "psutil",
         "wandb",
+        "rich",
     ],
     extras_require={
         "gpu": ["transformer-engine[pytorch]", "triton"],
-        "test": ["pytest", "pytest-xdist", "pytest-timeout", "triton", "ruff"],
+        "test": ["pytest", "pytest-xdist", "pytest-timeout", "triton", "ruff", "lm-eval>=0.4,<0.5"],
+        "eval": ["lm-eval>=0.4,<0.5"],
         "tensorboard": ["tensorboard"],
     },
     entry_points={
@@ -37,6 +39,8 @@ setup(
             "wsm-merge=wsm_megatron.cli.merge:main",
             "wsm-train=wsm_megatron.cli.train:main",
             "wsm-demo=wsm_megatron.cli.demo:main",
+            "wsm-tune=wsm_megatron.cli.tune:main",
+            "wsm-eval=wsm_megatron.cli.eval:main",
         ],
     },
 )

@@ -17,7 +17,7 @@ those of an uninterrupted run.
 from __future__ import annotations
 
 from collections import deque
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -165,6 +165,65 @@ def snapshot_device(config: WSMConfig, live: list[torch.Tensor]) -> torch.device
     return torch.device("cpu")
 
 
+def load_checkpoints(
+    model: list[torch.nn.Module], root: str | Path, iterations: Sequence[int], seq_length: int
+) -> Iterator[tuple[int, int]]:
+    """Load the checkpoints ``root/iter_*`` of ``iterations`` into the model in turn (weights
+    only, this rank's shard), yielding each one's iteration and position once it is in: the
+    tokens it had consumed (``consumed_train_samples x seq_length``). The one loading path of
+    the ring rebuild and of ``wsm-tune``."""
+    for it in iterations:
+        ckpt = iteration_dir(root, it)
+        load_model_only(model, ckpt)
+        common = dist_checkpointing.load_common_state_dict(str(ckpt))
+        yield it, int(getattr(common["args"], "consumed_train_samples", 0)) * seq_length
+
+
+def load_snapshots(
+    model: list[torch.nn.Module],
+    ring: SnapshotRing,
+    root: str | Path,
+    iterations: Sequence[int],
+    seq_length: int,
+) -> None:
+    """Take the checkpoints of ``iterations`` (oldest first) into ``ring``; the model ends
+    with the last one's values."""
+    for it, position in load_checkpoints(model, root, iterations, seq_length):
+        ring.take(it, position)
+
+
+@torch.no_grad()
+def merge_into(
+    live: list[torch.Tensor],
+    checkpoints: Sequence[Sequence[torch.Tensor]],
+    coefficients: Sequence[float],
+    device: torch.device,
+) -> bool:
+    """Write ``sum_j c_j checkpoints[j]`` into the live tensors with :func:`combine` (the
+    computation of ``wsm-merge``; ``checkpoints`` oldest first, on ``device``); returns whether
+    any merged value is non-finite on any rank (the one value exchanged)."""
+    found = torch.zeros(1, dtype=torch.int32, device=device)
+    kwargs = {"acc_dtype": DEFAULT_ACC_DTYPE, "found_nonfinite": found}
+    if all(t.device == device for t in live):
+        combine(live, checkpoints, coefficients, **kwargs)
+    else:  # snapshots in host memory: merge there tensor by tensor, then copy in
+        for t, target in enumerate(live):
+            out = torch.empty(target.shape, dtype=target.dtype, device=device)
+            combine([out], [[c[t]] for c in checkpoints], coefficients, **kwargs)
+            target.copy_(out)
+    if dist.is_initialized():
+        found = found.to(live[0].device if live else device)
+        dist.all_reduce(found, op=dist.ReduceOp.MAX)
+    return bool(found.item())
+
+
+@torch.no_grad()
+def copy_into(live: list[torch.Tensor], values: Sequence[torch.Tensor]) -> None:
+    """Put ``values`` (a snapshot, or fp32 accumulators: rounded once) into the live tensors."""
+    for target, value in zip(live, values, strict=True):
+        target.copy_(value)
+
+
 class OnlineMerge:
     """The ring and the merges of one training process (see the module docstring).
 
@@ -234,12 +293,7 @@ class OnlineMerge:
             for it in list_iterations(root)
             if it < resume_iteration and (iteration_dir(root, it) / "metadata.json").is_file()
         ][-(self.ring.capacity - 1) :]
-        for it in older:
-            ckpt = iteration_dir(root, it)
-            load_model_only(self.model, ckpt)
-            common = dist_checkpointing.load_common_state_dict(str(ckpt))
-            samples = int(getattr(common["args"], "consumed_train_samples", 0))
-            self.ring.take(it, self.position(Progress(it, samples)))
+        load_snapshots(self.model, self.ring, root, older, self.config.seq_length)
         interval = self.config.checkpoint.save_interval
         if interval is None:
             return older, []
@@ -297,32 +351,13 @@ class OnlineMerge:
             self._restore()
 
     # ------------------------------------------------------------------ merging
-    @torch.no_grad()
     def _combine(self, snapshots: list[Snapshot], coefficients: tuple[float, ...]) -> bool:
-        """Write the merged values into the live tensors; whether any is non-finite (on any
-        rank: the one value exchanged)."""
-        live = self.ring.live
-        device = self.ring.device
-        found = torch.zeros(1, dtype=torch.int32, device=device)
-        kwargs = {"acc_dtype": DEFAULT_ACC_DTYPE, "found_nonfinite": found}
-        if all(t.device == device for t in live):
-            combine(live, [s.tensors for s in snapshots], coefficients, **kwargs)
-        else:  # snapshots in host memory: merge there tensor by tensor, then copy in
-            for t, target in enumerate(live):
-                out = torch.empty(target.shape, dtype=target.dtype, device=device)
-                combine([out], [[s.tensors[t]] for s in snapshots], coefficients, **kwargs)
-                target.copy_(out)
-        if dist.is_initialized():
-            found = found.to(live[0].device if live else device)
-            dist.all_reduce(found, op=dist.ReduceOp.MAX)
-        return bool(found.item())
+        checkpoints = [s.tensors for s in snapshots]
+        return merge_into(self.ring.live, checkpoints, coefficients, self.ring.device)
 
-    @torch.no_grad()
     def _restore(self) -> None:
         """The live values back from the newest snapshot (they are what was just saved)."""
-        newest = self.ring.entries[-1].tensors
-        for target, value in zip(self.ring.live, newest, strict=True):
-            target.copy_(value)
+        copy_into(self.ring.live, self.ring.entries[-1].tensors)
 
     def _culprit(self, snapshots: list[Snapshot]) -> str:
         """Which snapshot holds NaN/Inf, over all ranks (only called when one does)."""

@@ -387,16 +387,22 @@ def _merge_point(
     return metrics
 
 
+def eval_session(config: WSMConfig) -> tuple[_Session, list[torch.nn.Module]]:
+    """Start the processes for evaluation only: the session (validation data, layout) and the
+    model as evaluations hold it (no optimizer; fp16/bf16 through ``Float16Module``)."""
+    session = _start(config, need_train=False)
+    module: torch.nn.Module = session.built.module
+    if mixed_precision(session.config):
+        module = Float16Module(session.built.config, module)
+    return session, [module]
+
+
 def evaluate_checkpoints(config: WSMConfig, paths: list[str]) -> dict[str, dict[str, float]]:
     """Validation loss of each checkpoint (root or ``iter_*`` dir), weights only, in order."""
     for path in paths:  # a bad path fails before any start-up work
         resolve_checkpoint(path)
-    session = _start(config, need_train=False)
+    session, model = eval_session(config)
     config = session.config
-    module: torch.nn.Module = session.built.module
-    if mixed_precision(config):
-        module = Float16Module(session.built.config, module)
-    model = [module]
     # An evaluation logs next to what it evaluates, not next to the config's training run.
     logger = MetricsLogger(
         config, is_main=session.runtime.is_main, job_type="eval", default_dir=Path(paths[0]).parent

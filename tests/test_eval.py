@@ -1,0 +1,232 @@
+"""The lm-eval adapter (``wsm-eval``) at TP=2 on CPU over gloo, on a checkpoint of a real run.
+
+- Its log-likelihoods equal a direct forward pass of the same model on the same tokens (logits
+  gathered over TP by hand, log-softmax in fp64: equal to ~1e-5, the adapter works in fp32), and
+  its greedy flags the argmax of those logits; at TP=2 x PP=2 it gives what it gives at TP=2.
+- A local multiple-choice task (a JSONL and a task YAML written here) scores end to end through
+  ``wsm-eval`` (lm-eval); its accuracy is the one the adapter's own log-likelihoods give, and
+  ``wsm-tune --tasks lm-eval:TASK,val`` reports the same for the newest checkpoint.
+- Unknown tasks and tasks whose data is not local fail with one line.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+
+pytest.importorskip("lm_eval")
+
+from wsm_megatron.testing.distributed import run_distributed  # noqa: E402
+from wsm_megatron.training.config import load_config  # noqa: E402
+
+REPO = Path(__file__).resolve().parents[1]
+TINY = REPO / "configs" / "tiny-cpu.yaml"
+SMALL = [  # as in test_tune.py
+    "model.hidden_size=64",
+    "model.ffn_hidden_size=128",
+    "data.seq_length=32",
+    "train.micro_batch_size=2",
+    "train.global_batch_size=8",
+    "train.lr_warmup_iters=2",
+    "train.eval_iters=2",
+    "logging.wandb_mode=disabled",
+    "corpus.vocab_size=512",
+    "corpus.max_files=30",
+    "checkpoint.save_interval=2",
+    "train.train_iters=4",
+]
+DOCS = [
+    {"question": "def f(x):\n    return", "choices": ["x", "import", "(("], "answer": 0},
+    {"question": "for i in", "choices": ["range(10):", "return", "))"], "answer": 0},
+    {"question": "import", "choices": ["os", "while", "=="], "answer": 0},
+    {"question": "class A(object):\n   ", "choices": ["def", "1 +", "]"], "answer": 0},
+]
+TASK_YAML = """task: wsm_local_mc
+dataset_path: json
+dataset_kwargs:
+  data_files:
+    test: {data}
+test_split: test
+output_type: multiple_choice
+doc_to_text: "{{{{question}}}}"
+doc_to_choice: choices
+doc_to_target: answer
+metric_list:
+  - metric: acc
+"""
+PAIRS = [("def f(x):\n    return", " x"), ("import os\n", "import sys"), ("", "for i in")]
+GENERATE = ("def f(x):\n", {"until": ["\n\n"], "max_gen_toks": 5})
+HUB_YAML = """task: wsm_hub_only
+dataset_path: wsm-nonexistent-org/no-such-dataset
+test_split: test
+output_type: multiple_choice
+doc_to_text: question
+doc_to_choice: choices
+doc_to_target: answer
+"""
+
+
+@pytest.fixture(scope="module")
+def run(shared_tmp, tmp_path_factory) -> tuple[list[str], Path, Path]:
+    """A 4-iteration TP=2 run's checkpoints (2 and 4) and a directory of local task YAMLs."""
+    root = tmp_path_factory.mktemp("eval-run")
+    overrides = [
+        *SMALL,
+        f"corpus.cache_dir={shared_tmp / 'wsm-train-corpus'}",
+        f"checkpoint.save={root / 'ckpts'}",
+    ]
+    run_distributed(_train, 2, overrides)
+    tasks = root / "tasks"
+    tasks.mkdir()
+    data = tasks / "mc.jsonl"
+    data.write_text("".join(json.dumps(d) + "\n" for d in DOCS))
+    (tasks / "mc.yaml").write_text(TASK_YAML.format(data=data))
+    (tasks / "hub.yaml").write_text(HUB_YAML)
+    return overrides, root / "ckpts", tasks
+
+
+def _train(overrides: list[str]) -> None:
+    from wsm_megatron.training.trainer import pretrain
+
+    pretrain(load_config(TINY, overrides))
+
+
+def _direct_loglikelihood(model, tokens: list[int], k: int, vocab: int) -> tuple[float, bool]:
+    """The last ``k`` tokens' log-likelihood from a plain forward pass, logits gathered by hand."""
+    import torch
+    import torch.distributed as dist
+    from megatron.core import parallel_state
+
+    inp = torch.tensor([tokens[:-1]])
+    with torch.no_grad():
+        local = model[0](inp, torch.arange(inp.shape[1]).unsqueeze(0), None)[0]
+    group = parallel_state.get_tensor_model_parallel_group()
+    parts = [torch.empty_like(local) for _ in range(dist.get_world_size(group))]
+    dist.all_gather(parts, local.contiguous(), group=group)
+    logits = torch.cat(parts, dim=-1)[:, :vocab].double()
+    logprobs = torch.log_softmax(logits, dim=-1)
+    targets = torch.tensor(tokens[1:])
+    picked = logprobs[torch.arange(len(targets)), targets][-k:]
+    greedy = bool((logits.argmax(-1) == targets)[-k:].all())
+    return float(picked.sum()), greedy
+
+
+def _adapter_checks(overrides: list[str], ckpt: str, tasks: str) -> dict:
+    from wsm_megatron.eval.harness import model_lm, run_tasks, task_manager
+    from wsm_megatron.training.checkpointing import load_model_only
+    from wsm_megatron.training.trainer import eval_session
+
+    session, model = eval_session(load_config(TINY, overrides))
+    load_model_only(model, ckpt)
+    lm = model_lm(session, model)
+    vocab = lm.tokenizer.vocab_size
+    adapter = lm.loglikelihood([SimpleNamespace(args=p) for p in PAIRS])
+    direct = []
+    for context, continuation in PAIRS:
+        ctx, cont = lm._encode_pair(context, continuation)
+        direct.append(_direct_loglikelihood(model, ctx + cont, len(cont), vocab))
+    chosen = []  # the multiple-choice answers the adapter's own log-likelihoods give
+    for doc in DOCS:
+        lls = lm.loglikelihood(
+            [SimpleNamespace(args=(doc["question"], " " + c)) for c in doc["choices"]]
+        )
+        chosen.append(max(range(len(lls)), key=lambda i: lls[i][0]) == doc["answer"])
+    try:
+        run_tasks(lm, ["wsm_hub_only"], task_manager(["wsm_hub_only"], Path(tasks)))
+        offline = ""
+    except ValueError as err:
+        offline = str(err)
+    return {
+        "adapter": adapter,
+        "direct": direct,
+        "expected_acc": sum(chosen) / len(chosen),
+        "offline": offline,
+        "rolling": lm.loglikelihood_rolling([SimpleNamespace(args=("x = 1\n" * 20,))]),
+        "generated": lm.generate_until([SimpleNamespace(args=GENERATE)]),
+    }
+
+
+def _adapter_pipeline(overrides: list[str], ckpt: str) -> dict:
+    from wsm_megatron.eval.harness import model_lm
+    from wsm_megatron.training.checkpointing import load_model_only
+    from wsm_megatron.training.trainer import eval_session
+
+    session, model = eval_session(load_config(TINY, overrides))
+    load_model_only(model, ckpt)
+    lm = model_lm(session, model)
+    return {
+        "adapter": lm.loglikelihood([SimpleNamespace(args=p) for p in PAIRS]),
+        "generated": lm.generate_until([SimpleNamespace(args=GENERATE)]),
+    }
+
+
+def _wsm_eval(argv: list[str]) -> int:
+    from wsm_megatron.cli.eval import main
+
+    return main(argv)
+
+
+def _wsm_tune(argv: list[str]) -> int:
+    from wsm_megatron.cli.tune import main
+
+    return main(argv)
+
+
+def test_adapter_matches_a_direct_forward_and_scores_a_local_task_at_tp2(run, tmp_path):
+    overrides, ckpts, tasks = run
+    ranks = run_distributed(_adapter_checks, 2, overrides, str(ckpts), str(tasks))
+    out = ranks[0]
+    assert all(r["adapter"] == out["adapter"] for r in ranks)
+    for (ll, greedy), (ref, ref_greedy) in zip(out["adapter"], out["direct"], strict=True):
+        assert ll == pytest.approx(ref, rel=1e-5, abs=1e-5) and ll < 0
+        assert greedy == ref_greedy
+
+    # wsm-eval end to end at TP=2: lm-eval's accuracy is the adapter's own choice.
+    argv = ["--config", str(TINY), *overrides, "--checkpoint", str(ckpts), "--tasks"]
+    argv += ["wsm_local_mc", "--include-path", str(tasks), "--output", str(tmp_path / "e.json")]
+    assert run_distributed(_wsm_eval, 2, argv) == [0, 0]
+    results = json.loads((tmp_path / "e.json").read_text())
+    assert results["wsm_local_mc"]["acc,none"] == out["expected_acc"]
+
+    # wsm-tune --tasks val,lm-eval:TASK: the newest checkpoint's row is wsm-eval's accuracy.
+    argv = ["--config", str(TINY), *overrides, "--checkpoints", str(ckpts), "--durations", "2"]
+    argv += ["--tasks", "lm-eval:wsm_local_mc,val", "--include-path", str(tasks)]
+    assert run_distributed(_wsm_tune, 2, [*argv, "--output", str(tmp_path / "tune")]) == [0, 0]
+    tuned = json.loads((tmp_path / "tune" / "tune.json").read_text())
+    rows = {row["name"]: row for row in tuned["candidates"]}
+    assert rows["newest"]["scores"]["lm-eval:wsm_local_mc"] == out["expected_acc"]
+    assert set(rows["2:linear"]["scores"]) == {"lm-eval:wsm_local_mc", "val"}
+    assert tuned["task"] == "lm-eval:wsm_local_mc"
+    assert out["offline"].startswith("lm-eval tasks wsm_hub_only: the data is not local (")
+    assert "dataset_path: json" in out["offline"] and "\n" not in out["offline"]
+    assert len(out["rolling"]) == 1 and out["rolling"][0] < 0
+    assert len(out["generated"]) == 1 and isinstance(out["generated"][0], str)
+
+    # TP=2 x PP=2 (4 processes, the same checkpoint): the same log-likelihoods and generation.
+    pipeline = run_distributed(
+        _adapter_pipeline, 4, [*overrides, "parallel.pipeline_model_parallel_size=2"], str(ckpts)
+    )
+    for rank in pipeline:
+        assert rank["generated"] == out["generated"]
+        for (ll, greedy), (ref, ref_greedy) in zip(rank["adapter"], out["adapter"], strict=True):
+            assert ll == pytest.approx(ref, rel=1e-6) and greedy == ref_greedy
+
+
+def test_unknown_task_is_one_line(run, capsys):
+    from wsm_megatron.cli.eval import main
+    from wsm_megatron.cli.tune import main as tune_main
+
+    _, ckpts, tasks = run
+    argv = ["--config", str(TINY), "--checkpoint", str(ckpts), "--tasks", "no_such_task"]
+    assert main([*argv, "--include-path", str(tasks)]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("wsm-eval: error: unknown lm-eval task 'no_such_task'")
+    assert err.count("\n") == 1
+    argv = ["--config", str(TINY), "--checkpoints", str(ckpts), "--durations", "2", "--tasks"]
+    assert tune_main([*argv, "lm-eval:no_such_task", "--include-path", str(tasks)]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("wsm-tune: error: unknown lm-eval task 'no_such_task'")
+    assert err.count("\n") == 1

@@ -1,0 +1,76 @@
+"""``wsm-eval``: lm-evaluation-harness tasks on any checkpoint, merged or not, at the run's layout.
+
+Examples::
+
+    wsm-eval --config configs/tiny-cpu.yaml parallel.tensor_model_parallel_size=1 \\
+        --checkpoint runs/demo/merged --tasks my_task --include-path my_tasks/
+    torchrun --nproc-per-node 2 -m wsm_megatron.cli.eval --config configs/tiny-cpu.yaml \\
+        --checkpoint runs/demo/checkpoints --tasks my_task --include-path my_tasks/
+
+Needs the ``[eval]`` extra. Nothing is downloaded: tasks read local data (HF offline mode).
+Exit status: 0 on success, 1 when evaluation fails on its input (one ``wsm-eval: error:`` line),
+2 for invalid flags or configuration.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+from wsm_megatron.cli.arguments import comma_separated
+from wsm_megatron.cli.train import _quiet_imports, _raised_by_us
+
+PROG = "wsm-eval"
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog=PROG,
+        description="Score a Megatron checkpoint on lm-evaluation-harness tasks, in place at the "
+        "run's TP/PP layout (every model-parallel rank runs the same requests; rank 0 reports).",
+    )
+    p.add_argument("--config", required=True, metavar="YAML", help="the run's config")
+    p.add_argument("overrides", nargs="*", metavar="SECTION.KEY=VALUE", help="config overrides")
+    p.add_argument("--checkpoint", required=True, type=Path, metavar="DIR", help="root or iter_*")
+    p.add_argument(
+        "--tasks", required=True, type=comma_separated(str.strip, "names"), metavar="T1,T2"
+    )
+    p.add_argument("--include-path", type=Path, metavar="DIR", help="local lm-eval task YAMLs")
+    p.add_argument("--limit", type=int, metavar="N", help="at most N documents per task")
+    p.add_argument("--output", type=Path, metavar="JSON", help="write the metrics here")
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    _quiet_imports()
+    from wsm_megatron.eval.harness import evaluate_checkpoint
+    from wsm_megatron.runtime import destroy_distributed
+    from wsm_megatron.training.config import ConfigError, load_config
+
+    is_main = os.environ.get("RANK", os.environ.get("SLURM_PROCID", "0")) == "0"
+    try:
+        config = load_config(args.config, args.overrides)
+        results = evaluate_checkpoint(
+            config, args.checkpoint, args.tasks, include_path=args.include_path, limit=args.limit
+        )
+    except (ConfigError, ValueError) as err:
+        if not isinstance(err, ConfigError) and not _raised_by_us(err):
+            raise
+        if is_main:
+            print(f"{PROG}: error: {err}", file=sys.stderr)
+        return 2 if isinstance(err, ConfigError) else 1
+    finally:
+        destroy_distributed()
+    if args.output and is_main:
+        args.output.parent.mkdir(parents=True, exist_ok=True)
+        args.output.write_text(json.dumps(results, indent=1) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

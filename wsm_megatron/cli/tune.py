@@ -1,0 +1,140 @@
+"""``wsm-tune``: choose the merge duration and schedule by scoring every candidate in memory.
+
+Examples::
+
+    wsm-tune --config configs/tiny-cpu.yaml parallel.tensor_model_parallel_size=1 \\
+        --checkpoints runs/demo/checkpoints --durations 2,4,6,8 --schedules linear,ema
+    torchrun --nproc-per-node 2 -m wsm_megatron.cli.tune --config configs/tiny-cpu.yaml \\
+        --checkpoints runs/demo/checkpoints --durations 2,4,8,16 \\
+        --schedules linear,minus-sqrt,ema --output runs/demo/tune --save-best runs/demo/best
+    wsm-tune ... --tasks val,lm-eval:my_task --include-path my_tasks/
+
+Launched like training, at the run's TP/PP layout (config overrides ``section.key=value``).
+Exit status: 0 on success, 1 when tuning fails on its input (one ``wsm-tune: error:`` line
+naming the checkpoint, flag or key), 2 for invalid flags or configuration.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from wsm_megatron.cli.arguments import comma_separated
+from wsm_megatron.cli.train import _quiet_imports, _raised_by_us
+from wsm_megatron.merge.config import parse_token_count
+from wsm_megatron.merge.errors import MergeError
+
+if TYPE_CHECKING:
+    from wsm_megatron.training.config import WSMConfig
+    from wsm_megatron.tune.api import TuneOptions
+
+PROG = "wsm-tune"
+
+_int_list = comma_separated(int, "integers")
+_str_list = comma_separated(str.strip, "names")
+
+
+def _token_list(text: str) -> list[int]:
+    try:
+        return [parse_token_count(item) for item in text.split(",") if item.strip()]
+    except MergeError as err:
+        raise argparse.ArgumentTypeError(str(err)) from None
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog=PROG,
+        description="Score every candidate WSM merge (merge duration x schedule, and the newest "
+        "checkpoint alone) in memory at the run's TP/PP layout: each rank loads its shard of "
+        "every checkpoint once, nothing is written per candidate. Writes tune.json and tune.png.",
+    )
+    p.add_argument("--config", required=True, metavar="YAML", help="the run's config")
+    p.add_argument("overrides", nargs="*", metavar="SECTION.KEY=VALUE", help="config overrides")
+    p.add_argument("--checkpoints", required=True, metavar="ROOT", help="checkpoint root (iter_*)")
+    p.add_argument(
+        "--durations", type=_int_list, default=[], metavar="N1,N2,...",
+        help="windows of the newest N checkpoints",
+    )  # fmt: skip
+    p.add_argument(
+        "--durations-tokens", type=_token_list, default=[], metavar="T1,T2,...",
+        help="windows of T tokens (suffixes K/M/B/T: 20B,40B)",
+    )  # fmt: skip
+    p.add_argument(
+        "--schedules", type=_str_list, default=["linear"], metavar="S1,S2,...",
+        help="merge schedules (as wsm-merge --schedule; default linear)",
+    )  # fmt: skip
+    p.add_argument(
+        "--end-iteration", type=int, metavar="E", help="windows end at E (default: the tracker)"
+    )
+    p.add_argument(
+        "--tasks", type=_str_list, default=["val"], metavar="TASK,...",
+        help="scores: val (validation loss, the default) and lm-eval:TASK (lm-evaluation-harness, "
+        "extra [eval]); the first ranks the candidates",
+    )  # fmt: skip
+    p.add_argument("--include-path", type=Path, metavar="DIR", help="local lm-eval task YAMLs")
+    p.add_argument("--limit", type=int, metavar="N", help="at most N documents per lm-eval task")
+    p.add_argument("--output", type=Path, default=Path("tune"), metavar="DIR", help="(./tune)")
+    p.add_argument("--save-best", type=Path, metavar="DIR", help="write the best merge here")
+    p.add_argument(
+        "--snapshot-memory-gb", type=float, default=64.0, metavar="GB",
+        help="snapshot memory per rank (64); above it the candidates run in groups",
+    )  # fmt: skip
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    _quiet_imports()
+    from wsm_megatron.training.config import ConfigError, load_config
+    from wsm_megatron.tune.api import TuneOptions
+    from wsm_megatron.tune.candidates import TuneGrid
+
+    is_main = os.environ.get("RANK", os.environ.get("SLURM_PROCID", "0")) == "0"
+    try:
+        config = load_config(args.config, args.overrides)
+        options = TuneOptions(
+            checkpoints=Path(args.checkpoints),
+            grid=TuneGrid(
+                tuple(args.durations),
+                tuple(args.durations_tokens),
+                tuple(args.schedules),
+                args.end_iteration,
+            ),
+            output=args.output,
+            tasks=tuple(args.tasks),
+            save_best=args.save_best,
+            snapshot_memory_gb=args.snapshot_memory_gb,
+            include_path=args.include_path,
+            limit=args.limit,
+        )
+    except (ConfigError, MergeError) as err:
+        if is_main:
+            print(f"{PROG}: error: {err}", file=sys.stderr)
+        return 2
+    return _run(config, options, is_main)
+
+
+def _run(config: WSMConfig, options: TuneOptions, is_main: bool) -> int:
+    from wsm_megatron.runtime import destroy_distributed
+    from wsm_megatron.tune.api import tune
+
+    try:
+        tune(config, options)
+    except ValueError as err:
+        if not _raised_by_us(err):
+            raise
+        if is_main:
+            print(f"{PROG}: error: {err}", file=sys.stderr)
+        return 1
+    finally:
+        destroy_distributed()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,123 @@
+"""``tune(config, options)``: every candidate merge scored in memory at the run's layout (the
+body of ``wsm-tune``; run it in every process of a launch, like training)."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from wsm_megatron.merge.errors import MergeError
+from wsm_megatron.training.config import WSMConfig
+from wsm_megatron.training.evaluate import evaluate
+from wsm_megatron.tune.candidates import TuneGrid, build_candidates
+from wsm_megatron.tune.results import TuneResult, plot, print_table, write_json
+from wsm_megatron.tune.runner import CandidateRunner, Scorer, Scores
+
+LM_EVAL = "lm-eval:"
+"""``lm-eval:TASK``: a task of lm-evaluation-harness, scored by its main metric."""
+TUNE_JSON, TUNE_PNG = "tune.json", "tune.png"
+
+
+@dataclass(frozen=True)
+class TuneOptions:
+    checkpoints: Path
+    grid: TuneGrid
+    output: Path
+    tasks: tuple[str, ...] = ("val",)
+    save_best: Path | None = None
+    snapshot_memory_gb: float = 64.0
+    include_path: Path | None = None
+    """Local lm-eval task YAMLs."""
+    limit: int | None = None
+    """At most this many documents per lm-eval task."""
+
+    def __post_init__(self) -> None:
+        if not self.tasks:
+            raise MergeError("--tasks: give at least one task")
+        for task in self.tasks:
+            if task != "val" and not (task.startswith(LM_EVAL) and task != LM_EVAL):
+                raise MergeError(f"--tasks: unknown task {task!r} (val or lm-eval:TASK)")
+        if not self.checkpoints.is_dir():
+            raise MergeError(f"--checkpoints {self.checkpoints} is not a directory")
+        if not self.snapshot_memory_gb > 0:
+            raise MergeError(f"--snapshot-memory-gb must be > 0, got {self.snapshot_memory_gb}")
+
+    @property
+    def lm_eval_tasks(self) -> list[str]:
+        return [t[len(LM_EVAL) :] for t in self.tasks if t.startswith(LM_EVAL)]
+
+
+def tune(config: WSMConfig, options: TuneOptions) -> TuneResult:
+    """Score the newest checkpoint alone and every merge of ``options.grid``; rank 0 writes
+    ``tune.json`` and ``tune.png`` under ``options.output`` and prints the table. With
+    ``save_best`` the best merge is written there by ``wsm-merge`` (on the same ranks)."""
+    from wsm_megatron.training.trainer import eval_session
+
+    start = time.perf_counter()
+    candidates = build_candidates(options.checkpoints, options.grid)  # bad input fails first
+    manager = None
+    if options.lm_eval_tasks:
+        from wsm_megatron.eval.harness import task_manager
+
+        manager = task_manager(options.lm_eval_tasks, options.include_path)
+    session, model = eval_session(config)
+    is_main = session.runtime.is_main
+    runner = CandidateRunner(session.config, model, options.checkpoints, options.snapshot_memory_gb)
+    plan = runner.plan(candidates[1:])
+    if is_main:
+        print(f"wsm-tune: {len(candidates) - 1} merges + the newest checkpoint; {plan.describe()}")
+    score = _scorer(options, session, model, manager)
+    scores = runner.run(candidates[0], plan, score)
+    result = TuneResult(tuple(candidates), scores, options.tasks[0], plan)
+    if is_main:
+        options.output.mkdir(parents=True, exist_ok=True)
+        write_json(result, options.output / TUNE_JSON)
+        plot(result, options.output / TUNE_PNG)
+        print_table(result)
+        print(
+            f"wrote {options.output / TUNE_JSON} and {options.output / TUNE_PNG} in "
+            f"{time.perf_counter() - start:.1f} s"
+        )
+    if options.save_best is not None and result.best is not None:
+        _save(options.checkpoints, options.save_best, result)
+    return result
+
+
+def _save(root: Path, output: Path, result: TuneResult) -> None:
+    """The best merge through ``wsm-merge`` (its output format and provenance)."""
+    from wsm_megatron.merge import MergeConfig, merge
+
+    best = result.best
+    assert best is not None and best.schedule is not None
+    config = MergeConfig(
+        input=root, output=output, iterations=best.iterations, schedule=best.schedule
+    )
+    merge(config)
+
+
+def _scorer(options: TuneOptions, session: Any, model: list[Any], manager: Any) -> Scorer:
+    """The scores of the model as it is: ``val`` (the validation loss on the batches of
+    training's evaluation) and each ``lm-eval:TASK`` (its main metric)."""
+    lm = None
+    if manager is not None:
+        from wsm_megatron.eval.harness import model_lm
+
+        lm = model_lm(session, model)
+
+    def score() -> Scores:
+        out: Scores = {}
+        if "val" in options.tasks:
+            batches, config = session.valid_batches(), session.config
+            out["val"] = evaluate(model, batches, config, session.num_microbatches)
+        if lm is not None:
+            from wsm_megatron.eval.harness import primary_metric, run_tasks
+
+            tasks = options.lm_eval_tasks
+            results = run_tasks(lm, tasks, manager, limit=options.limit)
+            for task in tasks:
+                out[LM_EVAL + task] = primary_metric(results[task])[1]
+        return out
+
+    return score
