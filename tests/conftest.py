@@ -15,6 +15,12 @@ def shared_tmp(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return base.parent if os.environ.get("PYTEST_XDIST_WORKER") else base
 
 
+@pytest.fixture(scope="session")
+def corpus_dir(shared_tmp: Path) -> str:
+    """One small stdlib corpus for every training test and xdist worker (locked, cached)."""
+    return str(shared_tmp / "wsm-train-corpus")
+
+
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
     if torch.cuda.is_available():
         return

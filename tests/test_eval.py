@@ -19,25 +19,10 @@ import pytest
 
 pytest.importorskip("lm_eval")
 
-from wsm_megatron.testing.distributed import run_distributed  # noqa: E402
+from wsm_megatron.testing.distributed import run_distributed
+from wsm_megatron.testing.runs import SMALL_RUN, TINY_CONFIG, train_summary  # noqa: E402
 from wsm_megatron.training.config import load_config  # noqa: E402
 
-REPO = Path(__file__).resolve().parents[1]
-TINY = REPO / "configs" / "tiny-cpu.yaml"
-SMALL = [  # as in test_tune.py
-    "model.hidden_size=64",
-    "model.ffn_hidden_size=128",
-    "data.seq_length=32",
-    "train.micro_batch_size=2",
-    "train.global_batch_size=8",
-    "train.lr_warmup_iters=2",
-    "train.eval_iters=2",
-    "logging.wandb_mode=disabled",
-    "corpus.vocab_size=512",
-    "corpus.max_files=30",
-    "checkpoint.save_interval=2",
-    "train.train_iters=4",
-]
 DOCS = [
     {"question": "def f(x):\n    return", "choices": ["x", "import", "(("], "answer": 0},
     {"question": "for i in", "choices": ["range(10):", "return", "))"], "answer": 0},
@@ -74,11 +59,13 @@ def run(shared_tmp, tmp_path_factory) -> tuple[list[str], Path, Path]:
     """A 4-iteration TP=2 run's checkpoints (2 and 4) and a directory of local task YAMLs."""
     root = tmp_path_factory.mktemp("eval-run")
     overrides = [
-        *SMALL,
+        *SMALL_RUN,
+        "checkpoint.save_interval=2",
+        "train.train_iters=4",
         f"corpus.cache_dir={shared_tmp / 'wsm-train-corpus'}",
         f"checkpoint.save={root / 'ckpts'}",
     ]
-    run_distributed(_train, 2, overrides)
+    run_distributed(train_summary, 2, overrides)
     tasks = root / "tasks"
     tasks.mkdir()
     data = tasks / "mc.jsonl"
@@ -86,12 +73,6 @@ def run(shared_tmp, tmp_path_factory) -> tuple[list[str], Path, Path]:
     (tasks / "mc.yaml").write_text(TASK_YAML.format(data=data))
     (tasks / "hub.yaml").write_text(HUB_YAML)
     return overrides, root / "ckpts", tasks
-
-
-def _train(overrides: list[str]) -> None:
-    from wsm_megatron.training.trainer import pretrain
-
-    pretrain(load_config(TINY, overrides))
 
 
 def _direct_loglikelihood(model, tokens: list[int], k: int, vocab: int) -> tuple[float, bool]:
@@ -119,7 +100,7 @@ def _adapter_checks(overrides: list[str], ckpt: str, tasks: str) -> dict:
     from wsm_megatron.training.checkpointing import load_model_only
     from wsm_megatron.training.trainer import eval_session
 
-    session, model = eval_session(load_config(TINY, overrides))
+    session, model = eval_session(load_config(TINY_CONFIG, overrides))
     load_model_only(model, ckpt)
     lm = model_lm(session, model)
     vocab = lm.tokenizer.vocab_size
@@ -154,7 +135,7 @@ def _adapter_pipeline(overrides: list[str], ckpt: str) -> dict:
     from wsm_megatron.training.checkpointing import load_model_only
     from wsm_megatron.training.trainer import eval_session
 
-    session, model = eval_session(load_config(TINY, overrides))
+    session, model = eval_session(load_config(TINY_CONFIG, overrides))
     load_model_only(model, ckpt)
     lm = model_lm(session, model)
     return {
@@ -185,14 +166,22 @@ def test_adapter_matches_a_direct_forward_and_scores_a_local_task_at_tp2(run, tm
         assert greedy == ref_greedy
 
     # wsm-eval end to end at TP=2: lm-eval's accuracy is the adapter's own choice.
-    argv = ["--config", str(TINY), *overrides, "--checkpoint", str(ckpts), "--tasks"]
+    argv = ["--config", str(TINY_CONFIG), *overrides, "--checkpoint", str(ckpts), "--tasks"]
     argv += ["wsm_local_mc", "--include-path", str(tasks), "--output", str(tmp_path / "e.json")]
     assert run_distributed(_wsm_eval, 2, argv) == [0, 0]
     results = json.loads((tmp_path / "e.json").read_text())
     assert results["wsm_local_mc"]["acc,none"] == out["expected_acc"]
 
     # wsm-tune --tasks val,lm-eval:TASK: the newest checkpoint's row is wsm-eval's accuracy.
-    argv = ["--config", str(TINY), *overrides, "--checkpoints", str(ckpts), "--durations", "2"]
+    argv = [
+        "--config",
+        str(TINY_CONFIG),
+        *overrides,
+        "--checkpoints",
+        str(ckpts),
+        "--durations",
+        "2",
+    ]
     argv += ["--tasks", "lm-eval:wsm_local_mc,val", "--include-path", str(tasks)]
     assert run_distributed(_wsm_tune, 2, [*argv, "--output", str(tmp_path / "tune")]) == [0, 0]
     tuned = json.loads((tmp_path / "tune" / "tune.json").read_text())
@@ -220,12 +209,20 @@ def test_unknown_task_is_one_line(run, capsys):
     from wsm_megatron.cli.tune import main as tune_main
 
     _, ckpts, tasks = run
-    argv = ["--config", str(TINY), "--checkpoint", str(ckpts), "--tasks", "no_such_task"]
+    argv = ["--config", str(TINY_CONFIG), "--checkpoint", str(ckpts), "--tasks", "no_such_task"]
     assert main([*argv, "--include-path", str(tasks)]) == 1
     err = capsys.readouterr().err
     assert err.startswith("wsm-eval: error: unknown lm-eval task 'no_such_task'")
     assert err.count("\n") == 1
-    argv = ["--config", str(TINY), "--checkpoints", str(ckpts), "--durations", "2", "--tasks"]
+    argv = [
+        "--config",
+        str(TINY_CONFIG),
+        "--checkpoints",
+        str(ckpts),
+        "--durations",
+        "2",
+        "--tasks",
+    ]
     assert tune_main([*argv, "lm-eval:no_such_task", "--include-path", str(tasks)]) == 1
     err = capsys.readouterr().err
     assert err.startswith("wsm-tune: error: unknown lm-eval task 'no_such_task'")

@@ -24,55 +24,8 @@ from wsm_megatron.cli.merge import main as merge_main
 from wsm_megatron.layout import iteration_dir, list_iterations, read_tracker
 from wsm_megatron.testing.checkpoints import load_dcp_tensors
 from wsm_megatron.testing.distributed import run_distributed
+from wsm_megatron.testing.runs import SMALL_RUN, TINY_CONFIG, train_summary
 from wsm_megatron.training.config import ConfigError, load_config
-
-REPO = Path(__file__).resolve().parents[1]
-TINY = REPO / "configs" / "tiny-cpu.yaml"
-SMALL = [  # tiny-cpu, smaller still (as in test_train.py)
-    "model.hidden_size=64",
-    "model.ffn_hidden_size=128",
-    "data.seq_length=32",
-    "train.micro_batch_size=2",
-    "train.global_batch_size=8",
-    "train.lr_warmup_iters=2",
-    "train.eval_iters=2",
-    "logging.log_interval=2",
-    "logging.wandb_mode=disabled",
-    "corpus.vocab_size=512",
-    "corpus.max_files=30",
-]
-
-
-@pytest.fixture(scope="module")
-def corpus_dir(shared_tmp) -> str:
-    return str(shared_tmp / "wsm-train-corpus")
-
-
-def _train(overrides: list[str]) -> dict:
-    from megatron.core import parallel_state
-    from megatron.core.utils import unwrap_model
-
-    from wsm_megatron.training.trainer import pretrain
-
-    result = pretrain(load_config(TINY, overrides))
-    model = unwrap_model(result.state.model[0])
-    return {
-        "grid": (
-            parallel_state.get_tensor_model_parallel_rank(),
-            parallel_state.get_pipeline_model_parallel_rank(),
-        ),
-        "losses": result.losses,
-        "val_losses": result.val_losses,
-        "merged_losses": result.merged_losses,
-        "windows": {it: p.iterations for it, p in result.merge_points.items()},
-        "ring_rebuild": result.ring_rebuild,
-        "coefficients": {it: p.weights.coefficients for it, p in result.merge_points.items()},
-        "weights": {
-            k: v.detach().numpy().copy()
-            for k, v in model.state_dict().items()
-            if isinstance(v, torch.Tensor)
-        },
-    }
 
 
 def _same_tensors(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> bool:
@@ -84,7 +37,7 @@ def test_tp2_pp2_online_merge_equals_wsm_merge_and_survives_a_mid_window_restart
 ):
     straight, split = tmp_path / "straight", tmp_path / "split"
     common = [
-        *SMALL,
+        *SMALL_RUN,
         f"corpus.cache_dir={corpus_dir}",
         "parallel.pipeline_model_parallel_size=2",
         "checkpoint.save_interval=2",
@@ -95,7 +48,7 @@ def test_tp2_pp2_online_merge_equals_wsm_merge_and_survives_a_mid_window_restart
 
     def run(root: Path, iters: int) -> list[dict]:
         return run_distributed(
-            _train,
+            train_summary,
             4,
             [
                 *common,
@@ -147,21 +100,21 @@ def test_tp2_pp2_online_merge_equals_wsm_merge_and_survives_a_mid_window_restart
 def _evaluate(overrides: list[str], checkpoints: list[str]) -> dict:
     from wsm_megatron.training.trainer import evaluate_checkpoints
 
-    return evaluate_checkpoints(load_config(TINY, overrides), checkpoints)
+    return evaluate_checkpoints(load_config(TINY_CONFIG, overrides), checkpoints)
 
 
 def test_merged_evaluation_leaves_training_bitwise_unchanged(corpus_dir, tmp_path):
     common = [
-        *SMALL,
+        *SMALL_RUN,
         f"corpus.cache_dir={corpus_dir}",
         "checkpoint.save_interval=2",
         "merge.quantity=2",
         "train.train_iters=6",
     ]
-    plain = run_distributed(_train, 2, [*common, f"checkpoint.save={tmp_path / 'plain'}"])
+    plain = run_distributed(train_summary, 2, [*common, f"checkpoint.save={tmp_path / 'plain'}"])
     online_root, offline = tmp_path / "online", tmp_path / "offline"
     overrides = [*common, "merge.online=true", f"checkpoint.save={online_root}"]
-    online = run_distributed(_train, 2, overrides)
+    online = run_distributed(train_summary, 2, overrides)
     for p, o in zip(plain, online, strict=True):
         assert p["losses"] == o["losses"]
         assert p["weights"].keys() == o["weights"].keys()
@@ -176,7 +129,7 @@ def test_merged_evaluation_leaves_training_bitwise_unchanged(corpus_dir, tmp_pat
 
     # A window checkpoint deleted by hand: the resumed run says so and merges what is there.
     shutil.rmtree(iteration_dir(online_root, 4))
-    resumed = run_distributed(_train, 2, [*overrides, "train.train_iters=8"])[0]
+    resumed = run_distributed(train_summary, 2, [*overrides, "train.train_iters=8"])[0]
     assert resumed["ring_rebuild"] == ([], [4])
     assert resumed["windows"] == {8: (6, 8)}
 
@@ -189,7 +142,7 @@ def _nan_in_window(budget_gb: float) -> dict:
 
     init_distributed(ParallelConfig())
     config = load_config(
-        TINY,
+        TINY_CONFIG,
         [
             "parallel.tensor_model_parallel_size=1",
             "checkpoint.save=unused",
@@ -244,5 +197,5 @@ def test_nan_in_the_window_is_reported_with_its_iteration_and_live_values_come_b
 )
 def test_online_merge_config_errors_name_the_key(overrides, message):
     with pytest.raises(ConfigError) as err:
-        load_config(TINY, ["merge.online=true", *overrides])
+        load_config(TINY_CONFIG, ["merge.online=true", *overrides])
     assert str(err.value).startswith(message), str(err.value)

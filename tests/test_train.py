@@ -5,74 +5,22 @@ loads back for evaluation. A data-parallel MoE run saves on a token interval."""
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import numpy as np
 import pytest
-import torch
 from megatron.core import dist_checkpointing
 
 from wsm_megatron.cli.merge import main as merge_main
 from wsm_megatron.layout import iteration_dir, list_iterations, read_tracker
 from wsm_megatron.testing.distributed import run_distributed
-
-REPO = Path(__file__).resolve().parents[1]
-TINY = REPO / "configs" / "tiny-cpu.yaml"
-SMALL = [  # tiny-cpu, smaller still: 4 layers of width 64 on 32-token sequences
-    "model.hidden_size=64",
-    "model.ffn_hidden_size=128",
-    "data.seq_length=32",
-    "train.micro_batch_size=2",
-    "train.global_batch_size=8",
-    "train.lr_warmup_iters=2",
-    "train.eval_iters=2",
-    "logging.log_interval=2",
-    "logging.wandb_mode=disabled",
-    "corpus.vocab_size=512",
-    "corpus.max_files=30",
-    "merge.online=false",  # tests/test_online_merge.py covers it
-]
-
-
-@pytest.fixture(scope="module")
-def corpus_dir(shared_tmp) -> str:
-    return str(shared_tmp / "wsm-train-corpus")  # one corpus for all workers (locked, cached)
-
-
-def _train(overrides: list[str]) -> dict:
-    from megatron.core import parallel_state
-    from megatron.core.utils import unwrap_model
-
-    from wsm_megatron.training.config import load_config
-    from wsm_megatron.training.trainer import pretrain
-
-    result = pretrain(load_config(TINY, overrides))
-    model = unwrap_model(result.state.model[0])
-    return {
-        "grid": (
-            parallel_state.get_tensor_model_parallel_rank(),
-            parallel_state.get_pipeline_model_parallel_rank(),
-            parallel_state.get_data_parallel_rank(),
-        ),
-        "losses": result.losses,
-        "val_losses": result.val_losses,
-        "lrs": result.lrs,
-        "resumed_from": result.resumed_from,
-        "iteration": result.progress.iteration,
-        "weights": {
-            k: v.detach().numpy().copy()
-            for k, v in model.state_dict().items()
-            if isinstance(v, torch.Tensor)
-        },
-    }
+from wsm_megatron.testing.runs import SMALL_RUN, TINY_CONFIG, train_summary
 
 
 def _resume_then_evaluate(overrides: list[str], checkpoints: list[str]) -> dict:
     from wsm_megatron.training.config import load_config
     from wsm_megatron.training.trainer import evaluate_checkpoints
 
-    trained = _train(overrides)
-    trained["evaluated"] = evaluate_checkpoints(load_config(TINY, overrides), checkpoints)
+    trained = train_summary(overrides)
+    trained["evaluated"] = evaluate_checkpoints(load_config(TINY_CONFIG, overrides), checkpoints)
     return trained
 
 
@@ -81,7 +29,11 @@ def _same_weights(a: dict, b: dict) -> bool:
 
 
 def test_tp2_pp2_train_resume_retention_merge_evaluate(corpus_dir, tmp_path):
-    common = [*SMALL, f"corpus.cache_dir={corpus_dir}", "parallel.pipeline_model_parallel_size=2"]
+    common = [
+        *SMALL_RUN,
+        f"corpus.cache_dir={corpus_dir}",
+        "parallel.pipeline_model_parallel_size=2",
+    ]
     straight, split = str(tmp_path / "straight"), str(tmp_path / "split")
     run = [
         "checkpoint.save_interval=2",
@@ -92,7 +44,7 @@ def test_tp2_pp2_train_resume_retention_merge_evaluate(corpus_dir, tmp_path):
 
     # 1. Six iterations straight: checkpoints at 2, 4, 6; iteration 2 is pruned after 6 lands.
     a = run_distributed(
-        _train, 4, [*common, *run, f"checkpoint.save={straight}", "train.train_iters=6"]
+        train_summary, 4, [*common, *run, f"checkpoint.save={straight}", "train.train_iters=6"]
     )
     assert sorted(r["grid"] for r in a) == [(0, 0, 0), (0, 1, 0), (1, 0, 0), (1, 1, 0)]
     losses = a[0]["losses"]
@@ -111,7 +63,9 @@ def test_tp2_pp2_train_resume_retention_merge_evaluate(corpus_dir, tmp_path):
     assert common_state["opt_param_scheduler"]["num_steps"] == 48  # samples, as Megatron-LM
 
     # 2. Four iterations, then a fresh set of processes resumes to six.
-    run_distributed(_train, 4, [*common, *run, f"checkpoint.save={split}", "train.train_iters=4"])
+    run_distributed(
+        train_summary, 4, [*common, *run, f"checkpoint.save={split}", "train.train_iters=4"]
+    )
     merged = tmp_path / "merged"
     assert merge_main(["--input", straight, "--output", str(merged), "--last", "2"]) == 0
     assert read_tracker(merged) == 6
@@ -138,13 +92,13 @@ def test_tp2_pp2_train_resume_retention_merge_evaluate(corpus_dir, tmp_path):
 
 
 def _train_then_branch(overrides: list[str], branch: list[str]) -> list[dict]:
-    return [_train(overrides), _train(overrides + branch)]
+    return [train_summary(overrides), train_summary(overrides + branch)]
 
 
 def test_data_parallel_moe_token_interval_and_wsd_branch(corpus_dir, tmp_path):
     wsm, wsd = str(tmp_path / "wsm"), str(tmp_path / "wsd")
     moe = [
-        *SMALL,
+        *SMALL_RUN,
         f"corpus.cache_dir={corpus_dir}",
         "parallel.tensor_model_parallel_size=1",
         "model.num_layers=2",
@@ -188,9 +142,9 @@ def test_data_parallel_moe_token_interval_and_wsd_branch(corpus_dir, tmp_path):
 
 
 def _train_branch_refuse(overrides: list[str], branch: list[str], same_dir: list[str]) -> dict:
-    first, second = _train(overrides), _train(overrides + branch)
+    first, second = train_summary(overrides), train_summary(overrides + branch)
     try:
-        _train(overrides + same_dir)
+        train_summary(overrides + same_dir)
     except ValueError as err:
         second["refused"] = str(err)
     return {"first": first, "branch": second}
@@ -199,7 +153,7 @@ def _train_branch_refuse(overrides: list[str], branch: list[str], same_dir: list
 def test_load_iteration_branches_from_an_older_checkpoint(corpus_dir, tmp_path):
     run, branch = str(tmp_path / "run"), str(tmp_path / "branch")
     overrides = [
-        *SMALL,
+        *SMALL_RUN,
         f"corpus.cache_dir={corpus_dir}",
         "parallel.tensor_model_parallel_size=1",
         f"checkpoint.save={run}",
@@ -227,14 +181,14 @@ def test_load_iteration_branches_from_an_older_checkpoint(corpus_dir, tmp_path):
 
 def test_losses_reduced_per_log_interval_are_the_per_step_values(corpus_dir, tmp_path):
     common = [
-        *SMALL,
+        *SMALL_RUN,
         f"corpus.cache_dir={corpus_dir}",
         "parallel.tensor_model_parallel_size=1",
         "train.train_iters=5",
         "checkpoint.save=null",
         "checkpoint.save_interval=null",
     ]
-    (every_step,) = run_distributed(_train, 1, [*common, "logging.log_interval=1"])
-    (batched,) = run_distributed(_train, 1, [*common, "logging.log_interval=3"])
+    (every_step,) = run_distributed(train_summary, 1, [*common, "logging.log_interval=1"])
+    (batched,) = run_distributed(train_summary, 1, [*common, "logging.log_interval=3"])
     assert list(batched["losses"]) == [1, 2, 3, 4, 5]
     assert batched["losses"] == every_step["losses"]  # bitwise equal floats

@@ -24,28 +24,11 @@ from wsm_megatron.layout import iteration_dir
 from wsm_megatron.merge.errors import MergeError
 from wsm_megatron.testing.checkpoints import load_dcp_tensors
 from wsm_megatron.testing.distributed import run_distributed
+from wsm_megatron.testing.runs import SMALL_RUN, TINY_CONFIG, train_summary
 from wsm_megatron.training.config import load_config
 from wsm_megatron.tune.candidates import Candidate
 from wsm_megatron.tune.runner import plan_memory
 
-REPO = Path(__file__).resolve().parents[1]
-TINY = REPO / "configs" / "tiny-cpu.yaml"
-SMALL = [  # tiny-cpu, smaller still (as in test_online_merge.py)
-    "model.hidden_size=64",
-    "model.ffn_hidden_size=128",
-    "data.seq_length=32",
-    "train.micro_batch_size=2",
-    "train.global_batch_size=8",
-    "train.lr_warmup_iters=2",
-    "train.eval_iters=2",
-    "logging.log_interval=2",
-    "logging.wandb_mode=disabled",
-    "corpus.vocab_size=512",
-    "corpus.max_files=30",
-    "checkpoint.save_interval=2",
-    "merge.quantity=5",
-    "train.train_iters=10",
-]
 DURATIONS, SCHEDULES = (2, 4), ("linear", "minus-sqrt")
 
 
@@ -54,18 +37,15 @@ def run(shared_tmp, tmp_path_factory) -> tuple[list[str], Path]:
     """A trained TP=2 run: checkpoints at iterations 2, 4, 6, 8, 10."""
     root = tmp_path_factory.mktemp("tune-run")
     overrides = [
-        *SMALL,
+        *SMALL_RUN,
+        "checkpoint.save_interval=2",
+        "merge.quantity=5",
+        "train.train_iters=10",
         f"corpus.cache_dir={shared_tmp / 'wsm-train-corpus'}",
         f"checkpoint.save={root / 'ckpts'}",
     ]
-    run_distributed(_train, 2, overrides)
+    run_distributed(train_summary, 2, overrides)
     return overrides, root / "ckpts"
-
-
-def _train(overrides: list[str]) -> None:
-    from wsm_megatron.training.trainer import pretrain
-
-    pretrain(load_config(TINY, overrides))
 
 
 def _tune(overrides: list[str], argv: list[str]) -> dict:
@@ -81,14 +61,14 @@ def _tune(overrides: list[str], argv: list[str]) -> dict:
         snapshot_memory_gb=budget,
         save_best=Path(save_best) if save_best else None,
     )
-    result = tune(load_config(TINY, overrides), options)
+    result = tune(load_config(TINY_CONFIG, overrides), options)
     return {"scores": result.scores, "plan": result.plan, "best": result.best}
 
 
 def _evaluate(overrides: list[str], checkpoints: list[str]) -> dict:
     from wsm_megatron.training.trainer import evaluate_checkpoints
 
-    return evaluate_checkpoints(load_config(TINY, overrides), checkpoints)
+    return evaluate_checkpoints(load_config(TINY_CONFIG, overrides), checkpoints)
 
 
 def test_tune_equals_wsm_merge_and_evaluate_bitwise_in_memory_and_in_groups(run, tmp_path):
@@ -165,14 +145,14 @@ def test_memory_plan_groups_and_refusal():
     ],
 )
 def test_bad_flags_are_one_line(flags, message, capsys, tmp_path):
-    argv = ["--config", str(TINY), "--checkpoints", str(tmp_path), *flags]
+    argv = ["--config", str(TINY_CONFIG), "--checkpoints", str(tmp_path), *flags]
     assert tune_main(argv) == 2
     err = capsys.readouterr().err
     assert err.startswith(f"wsm-tune: error: {message}") and err.count("\n") == 1, err
 
 
 def test_bad_token_flag_and_missing_checkpoints_are_one_line(capsys, tmp_path):
-    argv = ["--config", str(TINY), "--checkpoints", str(tmp_path / "none")]
+    argv = ["--config", str(TINY_CONFIG), "--checkpoints", str(tmp_path / "none")]
     with pytest.raises(SystemExit):
         tune_main([*argv, "--durations-tokens", "80X"])
     assert "--durations-tokens: expected a token count such as 80B" in capsys.readouterr().err

@@ -1,0 +1,58 @@
+"""Small real training runs for tests: ``tiny-cpu`` made smaller still, and the trainer run in a
+test's processes (``run_distributed(train_summary, N, overrides)``) returning what tests compare."""
+
+from __future__ import annotations
+
+import importlib.resources
+from pathlib import Path
+from typing import Any
+
+TINY_CONFIG = Path(str(importlib.resources.files("wsm_megatron.configs") / "tiny-cpu.yaml"))
+SMALL_RUN = [  # tiny-cpu, smaller still: 4 layers of width 64 on 32-token sequences
+    "model.hidden_size=64",
+    "model.ffn_hidden_size=128",
+    "data.seq_length=32",
+    "train.micro_batch_size=2",
+    "train.global_batch_size=8",
+    "train.lr_warmup_iters=2",
+    "train.eval_iters=2",
+    "logging.log_interval=2",
+    "logging.wandb_mode=disabled",
+    "corpus.vocab_size=512",
+    "corpus.max_files=30",
+    "merge.online=false",  # tests that want the online merge say so
+]
+
+
+def train_summary(overrides: list[str]) -> dict[str, Any]:
+    """Train ``tiny-cpu`` with ``overrides`` in this process; what the run and the model hold."""
+    import torch
+    from megatron.core import parallel_state
+    from megatron.core.utils import unwrap_model
+
+    from wsm_megatron.training.config import load_config
+    from wsm_megatron.training.trainer import pretrain
+
+    result = pretrain(load_config(TINY_CONFIG, overrides))
+    model = unwrap_model(result.state.model[0])
+    return {
+        "grid": (
+            parallel_state.get_tensor_model_parallel_rank(),
+            parallel_state.get_pipeline_model_parallel_rank(),
+            parallel_state.get_data_parallel_rank(),
+        ),
+        "losses": result.losses,
+        "val_losses": result.val_losses,
+        "lrs": result.lrs,
+        "resumed_from": result.resumed_from,
+        "iteration": result.progress.iteration,
+        "merged_losses": result.merged_losses,
+        "windows": {it: p.iterations for it, p in result.merge_points.items()},
+        "coefficients": {it: p.weights.coefficients for it, p in result.merge_points.items()},
+        "ring_rebuild": result.ring_rebuild,
+        "weights": {
+            k: v.detach().numpy().copy()
+            for k, v in model.state_dict().items()
+            if isinstance(v, torch.Tensor)
+        },
+    }
