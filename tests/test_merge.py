@@ -17,6 +17,7 @@ from wsm_megatron.cli.merge import main
 from wsm_megatron.layout import iteration_dir, read_tracker
 from wsm_megatron.merge import MergeConfig, merge
 from wsm_megatron.merge.contents import key_group
+from wsm_megatron.merge.readback import stored_objects
 from wsm_megatron.testing.checkpoints import (
     EMPTY_EXTRA_STATE_KEY,
     EXTRA_STATE_KEY,
@@ -27,6 +28,7 @@ from wsm_megatron.testing.checkpoints import (
     te_extra_state,
 )
 from wsm_megatron.testing.distributed import run_distributed
+from wsm_megatron.testing.models import load_into_tiny_gpt
 from wsm_megatron.theory import merge_weights
 
 ITERATIONS = (100, 200, 300, 400, 500)
@@ -44,18 +46,6 @@ def merged(ckpts, tmp_path_factory) -> tuple[Path, object]:
     out = tmp_path_factory.mktemp("merged")
     result = merge(MergeConfig(input=ckpts, output=out, last=4, schedule="minus-sqrt"))
     return iteration_dir(out, 500), result
-
-
-def _objects(ckpt_dir: Path) -> dict[str, bytes]:
-    """Raw bytes of every stored object (ShardedObject) of a checkpoint."""
-    metadata = pickle.loads((ckpt_dir / ".metadata").read_bytes())
-    out = {}
-    for index, info in metadata.storage_data.items():
-        if index.offset is None:
-            with open(ckpt_dir / info.relative_path, "rb") as f:
-                f.seek(info.offset)
-                out[index.fqn] = f.read(info.length)
-    return out
 
 
 def _assert_same_tensors(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> None:
@@ -105,7 +95,7 @@ def test_merge_matches_fp64_reference(ckpts, merged):
     assert torch.equal(tensors[INT_BUFFER_KEY], newest[INT_BUFFER_KEY])
 
     # Objects (TE _extra_state and the like) are copied byte for byte from the newest input.
-    objects, newest_objects = _objects(out), _objects(iteration_dir(ckpts, 500))
+    objects, newest_objects = stored_objects(out), stored_objects(iteration_dir(ckpts, 500))
     assert objects == {k: v for k, v in newest_objects.items() if key_group(k) == "model"}
     # Transformer Engine's format: a uint8 tensor of pickled FP8 state (empty without FP8).
     key = f"{EXTRA_STATE_KEY}/shard_3_4"  # the last layer's
@@ -175,7 +165,7 @@ def test_keep_optimizer_and_rng(ckpts, tmp_path):
     assert moments and all(tensors[k].dtype == torch.float32 for k in moments)
     for key in moments:  # averaged with the same coefficients
         assert torch.allclose(tensors[key].double(), ref[key], rtol=1e-6, atol=1e-7), key
-    objects, newest = _objects(merged_dir), _objects(iteration_dir(ckpts, 500))
+    objects, newest = stored_objects(merged_dir), stored_objects(iteration_dir(ckpts, 500))
     # RNG and rerun state copied from the newest input; the common state goes to common.pt.
     assert objects == {k: v for k, v in newest.items() if key_group(k) != "common"}
     common = torch.load(merged_dir / "common.pt", weights_only=False)
@@ -214,7 +204,7 @@ def test_bitwise_identical_across_ranks_and_budgets(ckpts, merged, streamed, tmp
     for out, ranks in ((iteration_dir(tmp_path / "r3", 500), 3), (streamed[0], 2)):
         assert {p.name for p in out.glob("*.distcp")} == {f"__{r}_0.distcp" for r in range(ranks)}
         _assert_same_tensors(load_dcp_tensors(out), reference)
-        assert _objects(out) == _objects(merged[0])
+        assert stored_objects(out) == stored_objects(merged[0])
 
 
 def test_cli_under_torchrun_environment(ckpts, merged, tmp_path):
@@ -295,25 +285,9 @@ def test_cli_under_srun_environment(ckpts, merged, tmp_path):
 
 
 def _load_with_megatron(out: str, tp: int, pp: int) -> list[tuple]:
-    from megatron.core import dist_checkpointing
-
-    from wsm_megatron.runtime import ParallelConfig, init_distributed
-    from wsm_megatron.testing.checkpoints import _sharded_tensors
-    from wsm_megatron.testing.models import tiny_gpt
-
-    init_distributed(ParallelConfig(tp, pp))
-    model = tiny_gpt(params_dtype=torch.bfloat16, seed=7)
-    for name, module in model.named_modules():
-        if "norm" in type(module).__name__.lower() or name.endswith("position_embeddings"):
-            module.float()
-    # As Megatron-LM loads with --no-load-optim --no-load-rng: the model part of the state dict.
-    state = dist_checkpointing.load({"model": model.sharded_state_dict()}, out)
-    model.load_state_dict(state["model"])
+    state, shards = load_into_tiny_gpt(out, tp, pp)
     assert state["iteration"] == 500 and state["args"].no_save_optim
-    return [
-        (sh.key, tuple(sh.global_offset), sh.prepend_axis_num, sh.data.detach().clone())
-        for sh in _sharded_tensors(model.sharded_state_dict())
-    ]
+    return shards
 
 
 @pytest.mark.parametrize("tp,pp", [(2, 1), (1, 1)])

@@ -21,6 +21,7 @@ from wsm_megatron.merge.boxes import ChunkGrid, intersect, read_box
 from wsm_megatron.merge.contents import key_group
 from wsm_megatron.merge.dcp_format import StorageFiles, locate_tensor, storage_info
 from wsm_megatron.merge.plan import overlapping_segments
+from wsm_megatron.merge.readback import stored_objects
 from wsm_megatron.testing.checkpoints import (
     EXTRA_STATE_KEY,
     INT_BUFFER_KEY,
@@ -30,6 +31,7 @@ from wsm_megatron.testing.checkpoints import (
     write_dcp_checkpoint,
 )
 from wsm_megatron.testing.distributed import run_distributed
+from wsm_megatron.testing.models import load_into_tiny_gpt
 from wsm_megatron.theory import merge_weights
 
 ITERATIONS = (100, 200, 300, 400)
@@ -137,17 +139,6 @@ def _chunks(md, key: str) -> list[tuple]:
     return sorted((tuple(c.offsets), tuple(c.sizes)) for c in md[key].chunks)
 
 
-def _objects(ckpt_dir: Path) -> dict[str, bytes]:
-    metadata = pickle.loads((ckpt_dir / ".metadata").read_bytes())
-    out = {}
-    for index, info in metadata.storage_data.items():
-        if index.offset is None:
-            with open(ckpt_dir / info.relative_path, "rb") as f:
-                f.seek(info.offset)
-                out[index.fqn] = f.read(info.length)
-    return out
-
-
 def test_inputs_really_differ_in_layout(ckpts):
     qkv = "decoder.layers.self_attention.linear_qkv.weight"
     proj = "decoder.layers.self_attention.linear_proj.weight"  # row-parallel: split on columns
@@ -183,8 +174,10 @@ def test_cross_layout_merge_matches_fp64_reference(ckpts, merged):
     md, newest_md = _metadata(out), _metadata(newest_dir)
     for key in tensors:
         assert _chunks(md, key) == _chunks(newest_md, key), key
-    objects = _objects(out)
-    assert objects == {k: v for k, v in _objects(newest_dir).items() if key_group(k) == "model"}
+    objects = stored_objects(out)
+    assert objects == {
+        k: v for k, v in stored_objects(newest_dir).items() if key_group(k) == "model"
+    }
     assert any(k.startswith(EXTRA_STATE_KEY) for k in objects)
     common = torch.load(out / "common.pt", weights_only=False)
     assert (
@@ -233,7 +226,7 @@ def test_bitwise_identical_across_ranks_and_budgets(ckpts, merged, tmp_path):
         assert tensors.keys() == reference.keys()
         for key in tensors:
             assert torch.equal(tensors[key].view(torch.uint8), reference[key].view(torch.uint8))
-        assert _objects(iteration_dir(out, 400)) == _objects(merged[0])
+        assert stored_objects(iteration_dir(out, 400)) == stored_objects(merged[0])
 
 
 @pytest.fixture(scope="module")
@@ -271,8 +264,10 @@ def test_layout_from_takes_that_inputs_layout(ckpts, merged, layout_300):
     assert torch.equal(
         tensors[INT_BUFFER_KEY], load_dcp_tensors(iteration_dir(ckpts, 300))[INT_BUFFER_KEY]
     )
-    objects_300 = _objects(iteration_dir(ckpts, 300))
-    assert _objects(layout_300) == {k: v for k, v in objects_300.items() if key_group(k) == "model"}
+    objects_300 = stored_objects(iteration_dir(ckpts, 300))
+    assert stored_objects(layout_300) == {
+        k: v for k, v in objects_300.items() if key_group(k) == "model"
+    }
     common = torch.load(layout_300 / "common.pt", weights_only=False)
     assert common["iteration"] == 400
     assert (
@@ -282,23 +277,7 @@ def test_layout_from_takes_that_inputs_layout(ckpts, merged, layout_300):
 
 
 def _load_with_megatron(out: str, tp: int, pp: int) -> list[tuple]:
-    from megatron.core import dist_checkpointing
-
-    from wsm_megatron.runtime import ParallelConfig, init_distributed
-    from wsm_megatron.testing.checkpoints import _sharded_tensors
-    from wsm_megatron.testing.models import tiny_gpt
-
-    init_distributed(ParallelConfig(tp, pp))
-    model = tiny_gpt(params_dtype=torch.bfloat16, seed=7)
-    for name, module in model.named_modules():
-        if "norm" in type(module).__name__.lower() or name.endswith("position_embeddings"):
-            module.float()
-    state = dist_checkpointing.load({"model": model.sharded_state_dict()}, out)
-    model.load_state_dict(state["model"])
-    return [
-        (sh.key, tuple(sh.global_offset), sh.prepend_axis_num, sh.data.detach().clone())
-        for sh in _sharded_tensors(model.sharded_state_dict())
-    ]
+    return load_into_tiny_gpt(out, tp, pp)[1]
 
 
 @pytest.mark.parametrize("tp,pp,which", [(1, 1, "newest"), (2, 2, "layout-300")])
@@ -371,8 +350,8 @@ def test_sweep_entry_ending_at_another_layout(ckpts, tmp_path):
         assert _chunks(_metadata(out), key) == _chunks(md_400, key), key
         if key in ref and x.dtype == torch.float32:  # exact: a mean of two in fp32
             assert torch.equal(x, ref[key].float()), key
-    objects_400 = _objects(iteration_dir(ckpts, 400))
-    assert _objects(out) == {k: v for k, v in objects_400.items() if key_group(k) == "model"}
+    objects_400 = stored_objects(iteration_dir(ckpts, 400))
+    assert stored_objects(out) == {k: v for k, v in objects_400.items() if key_group(k) == "model"}
     info = json.loads((out / "merge_info.json").read_text())
     assert info["layout_from"] == 400 and info["objects_from"] == 400
     common = torch.load(out / "common.pt", weights_only=False)

@@ -4,7 +4,6 @@ default) is averaged and loads back into a ``DistributedOptimizer``."""
 
 from __future__ import annotations
 
-import pickle
 from pathlib import Path
 
 import pytest
@@ -13,6 +12,7 @@ import torch
 from wsm_megatron.cli.merge import main
 from wsm_megatron.layout import iteration_dir
 from wsm_megatron.merge import MergeConfig, merge
+from wsm_megatron.merge.readback import stored_objects
 from wsm_megatron.testing.checkpoints import (
     fp64_reference,
     load_dcp_tensors,
@@ -31,17 +31,6 @@ def distopt(tmp_path_factory) -> Path:
     return root
 
 
-def _objects(ckpt_dir: Path) -> dict[str, bytes]:
-    metadata = pickle.loads((ckpt_dir / ".metadata").read_bytes())
-    out = {}
-    for index, info in metadata.storage_data.items():
-        if index.offset is None:
-            with open(ckpt_dir / info.relative_path, "rb") as f:
-                f.seek(info.offset)
-                out[index.fqn] = f.read(info.length)
-    return out
-
-
 def test_dp_reshardable_averaged(distopt, tmp_path):
     out = tmp_path / "out"
     result = merge(MergeConfig(input=distopt, output=out, last=3, keep_optimizer=True))
@@ -55,7 +44,10 @@ def test_dp_reshardable_averaged(distopt, tmp_path):
         assert merged[key].dtype == torch.float32
         err = (merged[key].double() - ref[key]).abs()
         assert bool((err <= 2.0**-22 * scale[key] + 2.0**-24 * ref[key].abs()).all()), key
-    objects, newest = _objects(iteration_dir(out, 300)), _objects(iteration_dir(distopt, 300))
+    objects, newest = (
+        stored_objects(iteration_dir(out, 300)),
+        stored_objects(iteration_dir(distopt, 300)),
+    )
     per_group = {k: v for k, v in newest.items() if k.startswith("optimizer.distributed.")}
     assert {k.split("/")[0].rsplit(".", 1)[1] for k in per_group} == {
         "optimizer",

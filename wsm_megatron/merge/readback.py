@@ -1,4 +1,5 @@
-"""Reading a checkpoint's tensors back whole, and comparing two checkpoints bit for bit.
+"""Reading a checkpoint's tensors and objects back whole, and comparing two checkpoints bit for
+bit.
 
 For small models (tests, the demo): every tensor is materialised at its global shape in this
 process (DCP reads and reassembles the shards). Not for production-size checkpoints.
@@ -42,3 +43,19 @@ def bitwise_differences(
         if k not in a or k not in b or a[k].dtype != b[k].dtype or not torch.equal(a[k], b[k])
     )
     return len(a.keys() | b.keys()), differ
+
+
+def stored_objects(ckpt_dir: str | os.PathLike[str]) -> dict[str, bytes]:
+    """Raw bytes of every stored object (a Megatron ``ShardedObject``) of a DCP checkpoint."""
+    import pickle
+    from pathlib import Path
+
+    ckpt_dir = Path(ckpt_dir)
+    metadata = pickle.loads((ckpt_dir / ".metadata").read_bytes())
+    out = {}
+    for index, info in metadata.storage_data.items():
+        if index.offset is None:
+            with open(ckpt_dir / info.relative_path, "rb") as f:
+                f.seek(info.offset)
+                out[index.fqn] = f.read(info.length)
+    return out

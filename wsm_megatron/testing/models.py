@@ -54,3 +54,26 @@ def tiny_gpt(
     if not cpu_compat.is_active():
         model = model.cuda()
     return model
+
+
+def load_into_tiny_gpt(ckpt_dir: str, tp: int, pp: int) -> tuple[dict, list[tuple]]:
+    """Start a ``tp`` x ``pp`` process group and load a checkpoint of ``tiny_gpt(bf16)`` the way
+    Megatron-LM loads a merged one (``--no-load-optim --no-load-rng``: the model part); returns
+    the loaded common state and this rank's ``(key, global offset, prepend axes, values)``."""
+    from megatron.core import dist_checkpointing
+
+    from wsm_megatron.runtime import ParallelConfig, init_distributed
+    from wsm_megatron.testing.checkpoints import _sharded_tensors
+
+    init_distributed(ParallelConfig(tp, pp))
+    model = tiny_gpt(params_dtype=torch.bfloat16, seed=7)
+    for name, module in model.named_modules():
+        if "norm" in type(module).__name__.lower() or name.endswith("position_embeddings"):
+            module.float()
+    state = dist_checkpointing.load({"model": model.sharded_state_dict()}, ckpt_dir)
+    model.load_state_dict(state.pop("model"))
+    shards = [
+        (sh.key, tuple(sh.global_offset), sh.prepend_axis_num, sh.data.detach().clone())
+        for sh in _sharded_tensors(model.sharded_state_dict())
+    ]
+    return state, shards
