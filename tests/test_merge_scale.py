@@ -6,8 +6,15 @@ from __future__ import annotations
 
 import subprocess
 import sys
+from concurrent.futures import ThreadPoolExecutor
 
 import pytest
+import torch
+
+from wsm_megatron.layout import iteration_dir
+from wsm_megatron.merge.dcp_format import StorageFiles
+from wsm_megatron.testing.checkpoints import load_dcp_tensors
+from wsm_megatron.testing.synthetic import write_many_files_checkpoint
 
 _IMPORTS = """
 import sys
@@ -39,3 +46,64 @@ def test_help_and_flag_errors_import_neither_torch_nor_megatron(argv, code, expe
     assert proc.returncode == code, proc.stderr
     assert expected in proc.stdout + proc.stderr
     assert "HEAVY \n" in proc.stdout, proc.stdout  # nothing heavy was imported
+
+
+# --- Thousands of shard files under a small open-file limit ---------------------------------
+
+_LIMITED = """
+import resource, sys
+resource.setrlimit(resource.RLIMIT_NOFILE, (256, 256))
+from wsm_megatron.cli.merge import main
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+def test_thousands_of_shard_files_under_a_small_open_file_limit(tmp_path):
+    """4 inputs x 2,000 shard files (one chunk of a row-sharded tensor each), merged by the CLI
+    under a hard limit of 256 descriptors; the result equals DCP's fp64 reference."""
+    root = tmp_path / "in"
+    reference = torch.zeros(2000, 8, dtype=torch.float64)
+    for i, it in enumerate((10, 20, 30, 40)):
+        weight = torch.randn(2000, 8, generator=torch.Generator().manual_seed(i))
+        write_many_files_checkpoint(root, it, {"decoder.weight": weight}, files=2000)
+        reference += 0.25 * weight.double()
+    assert len(list(iteration_dir(root, 40).glob("*.distcp"))) == 2000
+    out = tmp_path / "out"
+    argv = ["--input", str(root), "--output", str(out), "--last", "4", "--no-progress"]
+    proc = subprocess.run(
+        [sys.executable, "-c", _LIMITED, *argv], capture_output=True, text=True, timeout=300
+    )
+    assert proc.returncode == 0, proc.stderr
+    merged = load_dcp_tensors(iteration_dir(out, 40))["decoder.weight"]
+    torch.testing.assert_close(merged.double(), reference, rtol=1e-6, atol=1e-6)
+
+
+def test_storage_files_keep_a_bounded_number_open(tmp_path):
+    paths = []
+    for k in range(12):
+        paths.append(tmp_path / f"__{k}_0.distcp")
+        paths[-1].write_bytes(bytes([k]) * 64)
+    files = StorageFiles(max_open=3)
+
+    def read(k: int) -> bytes:
+        return files.read(paths[k % 12], k % 7, 5)
+
+    with ThreadPoolExecutor(4) as pool:
+        for k, data in enumerate(pool.map(read, range(200))):
+            assert data == bytes([k % 12]) * 5
+            assert files.open_count <= 3 + 4  # idle ones closed; at most one per reader over
+    assert files.open_count <= 3
+    files.close()
+    assert files.open_count == 0
+
+
+def test_start_up_raises_the_soft_open_file_limit():
+    code = (
+        "import resource\n"
+        "soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)\n"
+        "resource.setrlimit(resource.RLIMIT_NOFILE, (64, hard))\n"
+        "from wsm_megatron.cli.merge import raise_open_file_limit\n"
+        "raise_open_file_limit()\n"
+        "assert resource.getrlimit(resource.RLIMIT_NOFILE) == (hard, hard)\n"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True, timeout=60)

@@ -75,36 +75,68 @@ def read_metadata(ckpt_dir: Path) -> Metadata:
         raise MergeError(f"checkpoint {ckpt_dir}: cannot read {METADATA_FILENAME}: {err}") from None
 
 
-class StorageFiles:
-    """Thread-safe ``pread`` access to ``.distcp`` files (one descriptor per file)."""
+MAX_OPEN_FILES = 64
+"""Descriptors a :class:`StorageFiles` keeps open: reads come in file order, so a few suffice."""
 
-    def __init__(self) -> None:
-        self._fds: dict[Path, int] = {}
+
+class StorageFiles:
+    """Thread-safe ``pread`` access to ``.distcp`` files through a bounded cache of descriptors
+    (least recently used closed first; one in use by a read is never closed)."""
+
+    def __init__(self, max_open: int = MAX_OPEN_FILES) -> None:
+        assert max_open >= 1
+        self.max_open = max_open
+        self._fds: collections.OrderedDict[Path, int] = collections.OrderedDict()
+        self._users: collections.Counter[Path] = collections.Counter()
         self._lock = threading.Lock()
 
-    def _fd(self, path: Path) -> int:
+    @property
+    def open_count(self) -> int:
+        return len(self._fds)
+
+    def _acquire(self, path: Path) -> int:
         with self._lock:
             fd = self._fds.get(path)
             if fd is None:
+                self._evict()
                 try:
                     fd = os.open(path, os.O_RDONLY)
                 except OSError as err:
                     raise MergeError(f"cannot open {path}: {err.strerror}") from None
                 self._fds[path] = fd
+            self._fds.move_to_end(path)
+            self._users[path] += 1
             return fd
+
+    def _release(self, path: Path) -> None:
+        with self._lock:
+            self._users[path] -= 1
+            if not self._users[path]:
+                del self._users[path]
+
+    def _evict(self) -> None:
+        """Close idle descriptors, oldest first, until one more fits (with the lock held)."""
+        for path in list(self._fds):
+            if len(self._fds) < self.max_open:
+                return
+            if path not in self._users:
+                os.close(self._fds.pop(path))
 
     def read_into(self, path: Path, offset: int, buffer: memoryview) -> None:
         """Fill ``buffer`` with the bytes of ``path`` at ``offset``; a short file is an error."""
-        fd = self._fd(path)
-        done, size = 0, len(buffer)
-        while done < size:
-            n = os.preadv(fd, [buffer[done:]], offset + done)
-            if n == 0:
-                raise MergeError(
-                    f"{path} is truncated: expected {size} bytes at offset {offset}, "
-                    f"the file ends after {done}"
-                )
-            done += n
+        fd = self._acquire(path)
+        try:
+            done, size = 0, len(buffer)
+            while done < size:
+                n = os.preadv(fd, [buffer[done:]], offset + done)
+                if n == 0:
+                    raise MergeError(
+                        f"{path} is truncated: expected {size} bytes at offset {offset}, "
+                        f"the file ends after {done}"
+                    )
+                done += n
+        finally:
+            self._release(path)
 
     def read(self, path: Path, offset: int, size: int) -> bytes:
         buffer = bytearray(size)
