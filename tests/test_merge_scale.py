@@ -12,9 +12,14 @@ import pytest
 import torch
 
 from wsm_megatron.layout import iteration_dir
+from wsm_megatron.merge import MergeConfig
 from wsm_megatron.merge.dcp_format import StorageFiles
 from wsm_megatron.testing.checkpoints import load_dcp_tensors
-from wsm_megatron.testing.synthetic import write_many_files_checkpoint
+from wsm_megatron.testing.distributed import run_distributed
+from wsm_megatron.testing.synthetic import (
+    write_many_files_checkpoint,
+    write_metadata_only_checkpoints,
+)
 
 _IMPORTS = """
 import sys
@@ -107,3 +112,44 @@ def test_start_up_raises_the_soft_open_file_limit():
         "assert resource.getrlimit(resource.RLIMIT_NOFILE) == (hard, hard)\n"
     )
     subprocess.run([sys.executable, "-c", code], check=True, timeout=60)
+
+
+# --- Rank 0's memory on huge metadata ---------------------------------------------------------
+
+BUDGET_MB = 1024.0  # the default --memory-budget-mb
+
+
+def _plan_on_rank(root: str, out: str) -> tuple[int, int, int]:
+    """The merge's planning phase on one rank: peak RSS above start-up, units, buffer bytes."""
+    from wsm_megatron.merge.api import Comm, plan_and_send
+    from wsm_megatron.merge.report import PeakMemory
+    from wsm_megatron.runtime import init_distributed
+
+    init_distributed(megatron=False, backend="gloo")
+    comm = Comm()
+    memory = PeakMemory()
+    config = MergeConfig(input=root, output=out, last=8, memory_budget_mb=BUDGET_MB)
+    prepared, (status, plan), error = plan_and_send(comm, config)
+    assert error is None and status == "ok", plan
+    peak = memory.peak_above_baseline()
+    if prepared is not None:
+        prepared.cleanup()
+    return peak, len(plan.units), plan.buffers.total_bytes
+
+
+def test_planning_200k_chunk_metadata_of_8_inputs_stays_within_the_budget(tmp_path):
+    """8 inputs whose ``.metadata`` holds 200k chunks each (50k model, 150k optimizer: 28 MB on
+    disk, ~214 MiB unpickled) over 2,000 shard files. Merging 400k (input, chunk) pairs takes
+    minutes on 2 cores, so this measures what grows with the metadata, the planning phase (read
+    every input, plan, send each rank its plan): every rank's peak RSS, plus the buffers it
+    will allocate, stays within the budget, and rank 0 holds at most one input's metadata."""
+    root = tmp_path / "in"
+    write_metadata_only_checkpoints(
+        root, range(100, 900, 100), model_chunks=50_000, optimizer_chunks=150_000, files=2000
+    )
+    assert (iteration_dir(root, 800) / ".metadata").stat().st_size > 25e6
+    results = run_distributed(_plan_on_rank, 2, str(root), str(tmp_path / "out"))
+    assert sum(units for _, units, _ in results) == 50_000
+    for rank, (peak, _, buffers) in enumerate(results):
+        assert (peak + buffers) / 2**20 <= BUDGET_MB, (rank, peak / 2**20, buffers / 2**20)
+    assert not (tmp_path / "out").exists()  # nothing left behind by the planning

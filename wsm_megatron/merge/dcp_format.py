@@ -21,7 +21,7 @@ import warnings
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 from torch.distributed.checkpoint import FileSystemReader
@@ -45,6 +45,7 @@ __all__ = [
     "MetadataIndex",
     "RawTensor",
     "StorageFiles",
+    "StorageRecord",
     "TensorProperties",
     "TensorStorageMetadata",
     "locate_tensor",
@@ -61,6 +62,14 @@ _CACHE = 4096  # head and tail of a blob hold the zip directory and data.pkl
 def storage_info(relative_path: str, offset: int, length: int) -> _StorageInfo:
     """The ``.metadata`` record of one stored item."""
     return _StorageInfo(relative_path, offset, length)
+
+
+class StorageRecord(NamedTuple):
+    """Where one stored item lies (a compact ``_StorageInfo``: a plan holds millions)."""
+
+    relative_path: str
+    offset: int
+    length: int
 
 
 def read_metadata(ckpt_dir: Path) -> Metadata:
@@ -279,7 +288,7 @@ def _is_contiguous(size: tuple[int, ...], stride: tuple[int, ...]) -> bool:
 def locate_tensor(
     files: StorageFiles,
     path: Path,
-    info: _StorageInfo,
+    info: StorageRecord | _StorageInfo,
     *,
     where: str,
     expected_dtype: torch.dtype,
@@ -290,11 +299,6 @@ def locate_tensor(
     ``where`` names the checkpoint, tensor and chunk in errors. Checks that the blob is an
     uncompressed ``torch.save`` of a contiguous tensor of the expected dtype and size.
     """
-    if getattr(info, "transform_descriptors", None):
-        raise MergeError(
-            f"{where}: stored with transforms {list(info.transform_descriptors)} "
-            "(compressed or extended DCP storage is not supported)"
-        )
     try:
         view = _BlobView(files, path, info.offset, info.length)
         if view.read(4) != _ZIP_LOCAL_MAGIC:

@@ -1,5 +1,9 @@
 """Input checkpoints: open one Megatron ``torch_dist`` iteration directory, check that it is
-complete, and check that all inputs of a merge share one layout."""
+complete, and check that all inputs of a merge share one layout.
+
+A merge reads its inputs one at a time and keeps of each only what the plan needs (the
+included keys' layout of the newest, compact storage records of the chunks it merges), so
+rank 0's memory holds at most one whole ``.metadata`` at a time."""
 
 from __future__ import annotations
 
@@ -14,6 +18,7 @@ from wsm_megatron.merge.dcp_format import (
     BytesStorageMetadata,
     Metadata,
     MetadataIndex,
+    StorageRecord,
     TensorStorageMetadata,
     read_metadata,
 )
@@ -21,6 +26,10 @@ from wsm_megatron.merge.errors import MergeError
 from wsm_megatron.merge.selection import COMMON_FILENAME, has_common_state
 
 CONFIG_FILENAME = "metadata.json"
+_OTHER_FORMATS = {
+    "torch_dcp": "a plain PyTorch DCP checkpoint (Megatron-LM --ckpt-format torch_dcp)",
+    "fsdp_dtensor": "an FSDP DTensor checkpoint (Megatron-LM --ckpt-format fsdp_dtensor)",
+}
 
 
 def _chunk_layout(md: TensorStorageMetadata) -> list[tuple[tuple[int, ...], tuple[int, ...]]]:
@@ -56,8 +65,10 @@ class InputCheckpoint:
             raise MergeError(f"checkpoint {path}: cannot read {CONFIG_FILENAME}: {err}") from None
         backend = config.get("sharded_backend") if isinstance(config, dict) else None
         if backend != "torch_dist":
+            what = _OTHER_FORMATS.get(backend, f"sharded backend {backend!r}")
             raise MergeError(
-                f"checkpoint {path}: sharded backend {backend!r}; only torch_dist is supported"
+                f"checkpoint {path}: {what}; wsm-merge reads Megatron-LM torch_dist checkpoints "
+                "only (--ckpt-format torch_dist, the default)"
             )
         metadata = read_metadata(path)
         if not has_common_state(path, metadata):
@@ -86,60 +97,78 @@ class InputCheckpoint:
                     f"tensor {fqn!r} ends at byte {end})"
                 )
 
-    def keys(self, include: Callable[[str], bool]) -> set[str]:
-        return {k for k in self.metadata.state_dict_metadata if include(k)}
+    def layout(self, include: Callable[[str], bool]) -> InputLayout:
+        """The included keys' entries of ``.metadata`` (kinds, shapes, dtypes, chunks)."""
+        md = self.metadata.state_dict_metadata
+        return InputLayout(self.path, {k: v for k, v in md.items() if include(k)})
 
-    def storage(self, fqn: str, offsets: Sequence[int] | None = None):
-        """The ``_StorageInfo`` (file, offset, length) of a tensor chunk or bytes item."""
-        return self.metadata.storage_data[MetadataIndex(fqn, offsets)]
-
-
-def check_same_layout(inputs: Sequence[InputCheckpoint], include: Callable[[str], bool]) -> None:
-    """All inputs must have the same included keys, kinds, global shapes, dtypes and chunks
-    (checkpoints of one run saved at one TP/PP layout); the newest input is the reference."""
-    ref = inputs[-1]
-    ref_md = ref.metadata.state_dict_metadata
-    ref_keys = ref.keys(include)
-    for ckpt in inputs[:-1]:
-        md = ckpt.metadata.state_dict_metadata
-        keys = ckpt.keys(include)
-        if keys != ref_keys:
-            only_here, only_ref = sorted(keys - ref_keys), sorted(ref_keys - keys)
-            detail = []
-            if only_here:
-                detail.append(f"only in {ckpt.path.name}: {_names(only_here)}")
-            if only_ref:
-                detail.append(f"only in {ref.path.name}: {_names(only_ref)}")
+    def record(
+        self, fqn: str, offsets: Sequence[int] | None = None, names: dict[str, str] | None = None
+    ) -> StorageRecord:
+        """Where a tensor chunk or bytes item is stored; ``names`` shares the file name strings
+        between records (and inputs)."""
+        info = self.metadata.storage_data[MetadataIndex(fqn, offsets)]
+        if getattr(info, "transform_descriptors", None):
             raise MergeError(
-                f"checkpoints {ckpt.path} and {ref.path} have different key sets ("
-                + "; ".join(detail)
-                + ")"
+                f"checkpoint {self.path}, tensor {fqn!r}: stored with transforms "
+                f"{list(info.transform_descriptors)} (compressed or extended DCP storage is not "
+                "supported)"
             )
-        for key in sorted(ref_keys):
-            a, b = md[key], ref_md[key]
-            if isinstance(a, BytesStorageMetadata) or isinstance(b, BytesStorageMetadata):
-                if type(a) is not type(b):
-                    raise MergeError(
-                        f"tensor {key!r} is an object in one of {ckpt.path} and {ref.path} "
-                        "and a tensor in the other"
-                    )
-                continue
-            if tuple(a.size) != tuple(b.size):
+        name = info.relative_path
+        if names is not None:
+            name = names.setdefault(name, name)
+        return StorageRecord(name, info.offset, info.length)
+
+
+@dataclass(frozen=True)
+class InputLayout:
+    """The included keys of one input and their ``.metadata`` entries."""
+
+    path: Path
+    entries: dict[str, Any]
+
+
+def check_same_layout(layout: InputLayout, ref: InputLayout) -> None:
+    """An input must have the same included keys, kinds, global shapes, dtypes and chunks as
+    the reference (the newest input): checkpoints of one run saved at one TP/PP layout."""
+    md, ref_md = layout.entries, ref.entries
+    if md.keys() != ref_md.keys():
+        only_here, only_ref = sorted(md.keys() - ref_md.keys()), sorted(ref_md.keys() - md.keys())
+        detail = []
+        if only_here:
+            detail.append(f"only in {layout.path.name}: {_names(only_here)}")
+        if only_ref:
+            detail.append(f"only in {ref.path.name}: {_names(only_ref)}")
+        raise MergeError(
+            f"checkpoints {layout.path} and {ref.path} have different key sets ("
+            + "; ".join(detail)
+            + ")"
+        )
+    for key in sorted(ref_md):
+        a, b = md[key], ref_md[key]
+        if isinstance(a, BytesStorageMetadata) or isinstance(b, BytesStorageMetadata):
+            if type(a) is not type(b):
                 raise MergeError(
-                    f"tensor {key!r}: shape {tuple(a.size)} in {ckpt.path} but "
-                    f"{tuple(b.size)} in {ref.path}"
+                    f"tensor {key!r} is an object in one of {layout.path} and {ref.path} "
+                    "and a tensor in the other"
                 )
-            if a.properties.dtype != b.properties.dtype:
-                raise MergeError(
-                    f"tensor {key!r}: dtype {a.properties.dtype} in {ckpt.path} but "
-                    f"{b.properties.dtype} in {ref.path}"
-                )
-            if _chunk_layout(a) != _chunk_layout(b):
-                raise MergeError(
-                    f"tensor {key!r}: stored chunks differ between {ckpt.path} and {ref.path} "
-                    f"({len(a.chunks)} vs {len(b.chunks)} chunks; was training resumed at another "
-                    "TP/PP/EP layout?). Re-save the checkpoints at one layout before merging"
-                )
+            continue
+        if tuple(a.size) != tuple(b.size):
+            raise MergeError(
+                f"tensor {key!r}: shape {tuple(a.size)} in {layout.path} but "
+                f"{tuple(b.size)} in {ref.path}"
+            )
+        if a.properties.dtype != b.properties.dtype:
+            raise MergeError(
+                f"tensor {key!r}: dtype {a.properties.dtype} in {layout.path} but "
+                f"{b.properties.dtype} in {ref.path}"
+            )
+        if _chunk_layout(a) != _chunk_layout(b):
+            raise MergeError(
+                f"tensor {key!r}: stored chunks differ between {layout.path} and {ref.path} "
+                f"({len(a.chunks)} vs {len(b.chunks)} chunks; was training resumed at another "
+                "TP/PP/EP layout?). Re-save the checkpoints at one layout before merging"
+            )
 
 
 def _names(keys: Sequence[str], limit: int = 5) -> str:

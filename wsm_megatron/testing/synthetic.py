@@ -7,7 +7,7 @@ planning (which takes minutes for thousands of files):
 
 - :func:`write_many_files_checkpoint`: every chunk in a file of its own (``__K_0.distcp``), as
   Megatron's fully parallel save spreads a model over thousands of files; loadable by DCP.
-- :func:`write_metadata_only_checkpoint`: a ``.metadata`` of hundreds of thousands of chunks
+- :func:`write_metadata_only_checkpoints`: a ``.metadata`` of hundreds of thousands of chunks
   (model and optimizer) over sparse shard files of the right length, for planning tests that
   never read the tensor bytes.
 """
@@ -18,6 +18,7 @@ import io
 import json
 import os
 import pickle
+from collections.abc import Sequence
 from pathlib import Path
 
 import torch
@@ -34,8 +35,8 @@ from wsm_megatron.layout import iteration_dir, write_tracker
 from wsm_megatron.testing.checkpoints import TORCH_DIST_CONFIG, megatron_args
 
 
-def _finish(ckpt_dir: Path, root: Path, iteration: int, metadata: Metadata) -> Path:
-    (ckpt_dir / ".metadata").write_bytes(pickle.dumps(metadata))
+def _finish(ckpt_dir: Path, root: Path, iteration: int, metadata: bytes) -> Path:
+    (ckpt_dir / ".metadata").write_bytes(metadata)
     torch.save(
         {"args": megatron_args(), "checkpoint_version": 3.0, "iteration": iteration},
         ckpt_dir / "common.pt",
@@ -79,35 +80,34 @@ def write_many_files_checkpoint(
                     name, f.tell(), blob.tell()
                 )
                 f.write(blob.getbuffer())
-    return _finish(ckpt_dir, root, iteration, Metadata(state, storage_data=storage))
+    return _finish(ckpt_dir, root, iteration, pickle.dumps(Metadata(state, storage_data=storage)))
 
 
-def write_metadata_only_checkpoint(
+def write_metadata_only_checkpoints(
     root: Path,
-    iteration: int,
+    iterations: Sequence[int],
     *,
     model_chunks: int,
     optimizer_chunks: int,
     files: int,
     chunk_shape: tuple[int, int] = (4, 256),
-) -> Path:
-    """A checkpoint of ``model_chunks`` bf16 model chunks and ``optimizer_chunks`` fp32
-    optimizer chunks (``optimizer.state.exp_avg.*``), spread over 64 keys of each kind and
-    ``files`` sparse shard files (holes where the blobs would be: nothing is readable)."""
-    ckpt_dir = iteration_dir(root, iteration)
-    ckpt_dir.mkdir(parents=True)
+) -> None:
+    """Checkpoints at ``iterations`` of one layout: ``model_chunks`` bf16 model chunks and
+    ``optimizer_chunks`` fp32 optimizer chunks (``optimizer.state.exp_avg.*``) over 64 keys of
+    each kind, interleaved over ``files`` sparse shard files (holes where the blobs would be:
+    a plan can be made, nothing can be merged)."""
     state: dict[str, TensorStorageMetadata] = {}
     storage: dict[MetadataIndex, _StorageInfo] = {}
+    names = [f"__{f}_0.distcp" for f in range(files)]
     ends = [0] * files
-    keys = 64
     rows, cols = chunk_shape
     n = 0
     for prefix, dtype, count in (
         ("decoder.layers.{}.weight", torch.bfloat16, model_chunks),
         ("optimizer.state.exp_avg.decoder.layers.{}.weight", torch.float32, optimizer_chunks),
     ):
-        per_key = -(-count // keys)
-        for k in range(keys):
+        per_key = -(-count // 64)
+        for k in range(64):
             total = min(per_key, count - k * per_key)
             if total <= 0:
                 break
@@ -120,12 +120,15 @@ def write_metadata_only_checkpoint(
             length = rows * cols * dtype.itemsize + 1024  # the blob's zip framing
             for chunk in chunks:
                 f = n % files
-                storage[MetadataIndex(key, chunk.offsets)] = _StorageInfo(
-                    f"__{f}_0.distcp", ends[f], length
-                )
+                storage[MetadataIndex(key, chunk.offsets)] = _StorageInfo(names[f], ends[f], length)
                 ends[f] += length
                 n += 1
-    for f, end in enumerate(ends):
-        with open(ckpt_dir / f"__{f}_0.distcp", "wb") as out:
-            os.truncate(out.fileno(), end)
-    return _finish(ckpt_dir, root, iteration, Metadata(state, storage_data=storage))
+    metadata = pickle.dumps(Metadata(state, storage_data=storage))
+    del state, storage
+    for iteration in iterations:
+        ckpt_dir = iteration_dir(root, iteration)
+        ckpt_dir.mkdir(parents=True)
+        for name, end in zip(names, ends, strict=True):
+            with open(ckpt_dir / name, "wb") as out:
+                os.truncate(out.fileno(), end)
+        _finish(ckpt_dir, root, iteration, metadata)
