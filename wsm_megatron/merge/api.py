@@ -280,6 +280,7 @@ def _read_inputs(
 
 
 def _prepare(config: MergeConfig, world_size: int) -> _Prepared:
+    """Rank 0: select and weigh the checkpoints, claim the output roots, plan the merge."""
     policy = ContentPolicy(config.keep_optimizer, config.keep_rng, config.copy_from_newest)
     jobs = config.jobs()
     selections = [select_checkpoints(config.input, job.selection) for job in jobs]
@@ -293,10 +294,26 @@ def _prepare(config: MergeConfig, world_size: int) -> _Prepared:
     job_inputs = [tuple(position[it] for it in sel.iterations) for sel in selections]
     created, locks = _claim_outputs(config, selections)
     try:
-        catalog = _read_inputs(config, policy, union, job_inputs)
+        return _plan(config, world_size, policy, selections, weights, job_inputs, created, locks)
     except BaseException:
         _release(locks, created)
         raise
+
+
+def _plan(
+    config: MergeConfig,
+    world_size: int,
+    policy: ContentPolicy,
+    selections: list[Selected],
+    weights: list[MergeWeights],
+    job_inputs: list[tuple[int, ...]],
+    created: list[Path],
+    locks: list[Path],
+) -> _Prepared:
+    """Read the inputs, cut the pieces, assign them to ranks, create the temporary outputs."""
+    jobs = config.jobs()
+    union = sorted({it for sel in selections for it in sel.iterations})
+    catalog = _read_inputs(config, policy, union, job_inputs)
     chunk_items = catalog.chunks
     sources = sum(len(c.sources) for c, _, _ in chunk_items)
 
