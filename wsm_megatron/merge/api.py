@@ -410,7 +410,11 @@ def _plan(
     # A piece is merged once all its inputs are read: room for them and the next piece's.
     # The plan itself stays in memory too (rank 0 holds every rank's until it is sent).
     buffers = size_buffers(
-        max(1, config.memory_budget_bytes - PLAN_BYTES_PER_SOURCE * sources),
+        # (at most half the budget: a tiny budget must not leave one-element pieces)
+        max(
+            config.memory_budget_bytes // 2,
+            config.memory_budget_bytes - PLAN_BYTES_PER_SOURCE * sources,
+        ),
         slots=max(config.io_threads + 2, 2 * len(union)),
         acc_dtype=config.accumulate_torch_dtype,
         in_itemsize=max((c.dtype.itemsize for c, _, _ in chunk_items), default=1),
