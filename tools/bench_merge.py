@@ -64,7 +64,7 @@ def save_chunked(directory: Path, state: dict[str, torch.Tensor], split: tuple[i
                 records.append(WriteRecord(*rec, Path(f.name).name, start, f.tell() - start))
     for f in files:
         f.close()
-    write_metadata(directory, build_metadata(records, reference))
+    write_metadata(directory, build_metadata(records, reference, None))
 
 
 def build_inputs(

@@ -14,6 +14,7 @@ checkpoint and tensor; the output root is left as it was), 2 for invalid flags.
 from __future__ import annotations
 
 import argparse
+import resource
 import signal
 import sys
 import threading
@@ -220,6 +221,14 @@ def _summary(result) -> str:
     return "\n".join(lines)
 
 
+def raise_open_file_limit() -> None:
+    """Raise the soft limit on open files to the hard one: inputs hold thousands of shard files
+    (read through a bounded cache) and gloo keeps a socket per peer rank."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft != resource.RLIM_INFINITY and (hard == resource.RLIM_INFINITY or soft < hard):
+        resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point; returns the exit status (argparse exits with 2 on malformed flags)."""
     args = build_parser().parse_args(argv)
@@ -228,6 +237,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except MergeError as err:
         _error(str(err))
         return 2
+    raise_open_file_limit()
 
     import torch.distributed as dist
 

@@ -13,19 +13,21 @@ import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, fields
 from pathlib import Path
-from typing import Any
-
-import torch
+from typing import TYPE_CHECKING, Any
 
 from wsm_megatron.merge.errors import MergeError
 from wsm_megatron.theory import MergeWeights, MergeWeightsConfig, MergeWeightsError, merge_weights
 
-ACCUMULATE_DTYPES: dict[str, torch.dtype] = {"fp32": torch.float32, "fp64": torch.float64}
-OUTPUT_DTYPES: dict[str, torch.dtype] = {
-    "fp32": torch.float32,
-    "bf16": torch.bfloat16,
-    "fp16": torch.float16,
-    "fp64": torch.float64,
+if TYPE_CHECKING:
+    import torch
+
+# torch dtypes by name: flags are checked without importing torch (``wsm-merge --help`` is fast).
+ACCUMULATE_DTYPES: dict[str, str] = {"fp32": "float32", "fp64": "float64"}
+OUTPUT_DTYPES: dict[str, str] = {
+    "fp32": "float32",
+    "bf16": "bfloat16",
+    "fp16": "float16",
+    "fp64": "float64",
 }
 DEFAULT_SCHEDULE = "linear"
 """A plain mean of the checkpoints (a linear decay), the paper's default merge."""
@@ -364,11 +366,17 @@ class MergeConfig:
 
     @property
     def accumulate_torch_dtype(self) -> torch.dtype:
-        return ACCUMULATE_DTYPES[self.accumulate_dtype]
+        import torch
+
+        return getattr(torch, ACCUMULATE_DTYPES[self.accumulate_dtype])
 
     @property
     def output_torch_dtype(self) -> torch.dtype | None:
-        return None if self.output_dtype is None else OUTPUT_DTYPES[self.output_dtype]
+        import torch
+
+        return (
+            None if self.output_dtype is None else getattr(torch, OUTPUT_DTYPES[self.output_dtype])
+        )
 
     @property
     def memory_budget_bytes(self) -> int:

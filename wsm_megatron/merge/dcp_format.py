@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import collections
 import contextlib
+import gc
 import io
 import mmap
 import os
@@ -23,8 +24,9 @@ import warnings
 import zipfile
 from collections.abc import Iterator
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 from torch.distributed.checkpoint import FileSystemReader
@@ -48,6 +50,7 @@ __all__ = [
     "MetadataIndex",
     "RawTensor",
     "StorageFiles",
+    "StorageRecord",
     "TensorProperties",
     "TensorStorageMetadata",
     "locate_tensor",
@@ -66,48 +69,93 @@ def storage_info(relative_path: str, offset: int, length: int) -> _StorageInfo:
     return _StorageInfo(relative_path, offset, length)
 
 
+class StorageRecord(NamedTuple):
+    """Where one stored item lies (a compact ``_StorageInfo``: a plan holds millions)."""
+
+    relative_path: str
+    offset: int
+    length: int
+
+
 def read_metadata(ckpt_dir: Path) -> Metadata:
     """Unpickle ``ckpt_dir/.metadata`` (DCP's global checkpoint index)."""
     if not (ckpt_dir / METADATA_FILENAME).is_file():
         raise MergeError(
             f"checkpoint {ckpt_dir}: missing {METADATA_FILENAME} (incomplete or unfinished save)"
         )
+    enabled = gc.isenabled()
+    gc.disable()  # millions of new objects, no cycles: collecting meanwhile doubles the time
     try:
         return FileSystemReader(str(ckpt_dir)).read_metadata()
     except Exception as err:  # truncated pickle or foreign file: whatever unpickling raises
         raise MergeError(f"checkpoint {ckpt_dir}: cannot read {METADATA_FILENAME}: {err}") from None
+    finally:
+        if enabled:
+            gc.enable()
+
+
+MAX_OPEN_FILES = 64
+"""Descriptors a :class:`StorageFiles` keeps open: reads come in file order, so a few suffice."""
 
 
 class StorageFiles:
-    """Thread-safe ``pread`` access to ``.distcp`` files (one descriptor per file)."""
+    """Thread-safe ``pread`` access to ``.distcp`` files through a bounded cache of descriptors
+    (least recently used closed first; one in use by a read is never closed)."""
 
-    def __init__(self) -> None:
-        self._fds: dict[Path, int] = {}
+    def __init__(self, max_open: int = MAX_OPEN_FILES) -> None:
+        assert max_open >= 1
+        self.max_open = max_open
+        self._fds: collections.OrderedDict[Path, int] = collections.OrderedDict()
+        self._users: collections.Counter[Path] = collections.Counter()
         self._lock = threading.Lock()
 
-    def _fd(self, path: Path) -> int:
+    @property
+    def open_count(self) -> int:
+        return len(self._fds)
+
+    def _acquire(self, path: Path) -> int:
         with self._lock:
             fd = self._fds.get(path)
             if fd is None:
+                self._evict()
                 try:
                     fd = os.open(path, os.O_RDONLY)
                 except OSError as err:
                     raise MergeError(f"cannot open {path}: {err.strerror}") from None
                 self._fds[path] = fd
+            self._fds.move_to_end(path)
+            self._users[path] += 1
             return fd
+
+    def _release(self, path: Path) -> None:
+        with self._lock:
+            self._users[path] -= 1
+            if not self._users[path]:
+                del self._users[path]
+
+    def _evict(self) -> None:
+        """Close idle descriptors, oldest first, until one more fits (with the lock held)."""
+        for path in list(self._fds):
+            if len(self._fds) < self.max_open:
+                return
+            if path not in self._users:
+                os.close(self._fds.pop(path))
 
     def read_into(self, path: Path, offset: int, buffer: memoryview) -> None:
         """Fill ``buffer`` with the bytes of ``path`` at ``offset``; a short file is an error."""
-        fd = self._fd(path)
-        done, size = 0, len(buffer)
-        while done < size:
-            n = os.preadv(fd, [buffer[done:]], offset + done)
-            if n == 0:
-                raise MergeError(
-                    f"{path} is truncated: expected {size} bytes at offset {offset}, "
-                    f"the file ends after {done}"
-                )
-            done += n
+        fd = self._acquire(path)
+        try:
+            done, size = 0, len(buffer)
+            while done < size:
+                n = os.preadv(fd, [buffer[done:]], offset + done)
+                if n == 0:
+                    raise MergeError(
+                        f"{path} is truncated: expected {size} bytes at offset {offset}, "
+                        f"the file ends after {done}"
+                    )
+                done += n
+        finally:
+            self._release(path)
 
     def read(self, path: Path, offset: int, size: int) -> bytes:
         buffer = bytearray(size)
@@ -118,14 +166,17 @@ class StorageFiles:
     def map(self, path: Path, offset: int, length: int) -> Iterator[mmap.mmap]:
         """A private map of ``length`` bytes of ``path`` at ``offset`` (a multiple of
         ``mmap.ALLOCATIONGRANULARITY``); a file shorter than that is an error, not a SIGBUS."""
-        fd = self._fd(path)
-        size = os.fstat(fd).st_size
-        if offset + length > size:
-            raise MergeError(
-                f"{path} is truncated: expected {length} bytes at offset {offset}, "
-                f"the file has {size}"
-            )
-        region = mmap.mmap(fd, length, access=mmap.ACCESS_COPY, offset=offset)
+        fd = self._acquire(path)  # not closed by the cache until mapped (then it may be)
+        try:
+            size = os.fstat(fd).st_size
+            if offset + length > size:
+                raise MergeError(
+                    f"{path} is truncated: expected {length} bytes at offset {offset}, "
+                    f"the file has {size}"
+                )
+            region = mmap.mmap(fd, length, access=mmap.ACCESS_COPY, offset=offset)
+        finally:
+            self._release(path)
         try:
             yield region
         finally:
@@ -264,10 +315,35 @@ def _is_contiguous(size: tuple[int, ...], stride: tuple[int, ...]) -> bool:
     return all(n == 1 or a == b for n, a, b in zip(size, stride, expected, strict=True))
 
 
+def _read_member(
+    files: StorageFiles,
+    path: Path,
+    info: StorageRecord | _StorageInfo,
+    archive: zipfile.ZipFile,
+    name: str,
+    *,
+    where: str,
+) -> bytes:
+    """A small stored (uncompressed) member of the ``torch.save`` blob at ``info``, read from
+    its local header without the CRC-32 check: wsm-merge's own writer, like ``torch.save``'s
+    streaming writer, may leave CRCs unset, and the element data is never checked either."""
+    member = archive.getinfo(name)
+    if member.compress_type != zipfile.ZIP_STORED:
+        raise MergeError(f"{where}: compressed member {name!r} in {path.name} is not supported")
+    start = info.offset + member.header_offset
+    fields = _ZIP_LOCAL_HEADER.unpack(files.read(path, start, _ZIP_LOCAL_HEADER.size))
+    if fields[0] != _ZIP_LOCAL_MAGIC:
+        raise MergeError(f"{where}: corrupt zip local header in {path.name}")
+    data_start = member.header_offset + _ZIP_LOCAL_HEADER.size + fields[10] + fields[11]
+    if data_start + member.file_size > info.length:
+        raise MergeError(f"{where}: member {name!r} extends past the stored item in {path.name}")
+    return files.read(path, info.offset + data_start, member.file_size)
+
+
 def locate_tensor(
     files: StorageFiles,
     path: Path,
-    info: _StorageInfo,
+    info: StorageRecord | _StorageInfo,
     *,
     where: str,
     expected_dtype: torch.dtype,
@@ -278,11 +354,6 @@ def locate_tensor(
     ``where`` names the checkpoint, tensor and chunk in errors. Checks that the blob is an
     uncompressed ``torch.save`` of a contiguous tensor of the expected dtype and size.
     """
-    if getattr(info, "transform_descriptors", None):
-        raise MergeError(
-            f"{where}: stored with transforms {list(info.transform_descriptors)} "
-            "(compressed or extended DCP storage is not supported)"
-        )
     try:
         view = _BlobView(files, path, info.offset, info.length)
         if view.read(4) != _ZIP_LOCAL_MAGIC:
@@ -297,9 +368,10 @@ def locate_tensor(
             if pkl_name is None:
                 raise MergeError(f"{where}: torch.save blob without data.pkl in {path.name}")
             prefix = pkl_name[: -len("data.pkl")]
-            if f"{prefix}byteorder" in names and archive.read(f"{prefix}byteorder") != b"little":
+            member = partial(_read_member, files, path, info, archive, where=where)
+            if f"{prefix}byteorder" in names and member(f"{prefix}byteorder") != b"little":
                 raise MergeError(f"{where}: big-endian checkpoint data is not supported")
-            record = _TensorHeaderUnpickler(io.BytesIO(archive.read(pkl_name))).load()
+            record = _TensorHeaderUnpickler(io.BytesIO(member(pkl_name))).load()
             if not isinstance(record, _TensorRecord):
                 raise MergeError(f"{where}: the stored item is not a single tensor")
             data_info = archive.getinfo(f"{prefix}data/{record.storage.key}")

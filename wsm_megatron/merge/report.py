@@ -118,6 +118,7 @@ class MergeResult:
     peak_rss_mib: float
     peak_rss_mib_per_rank: list[float]
     peak_rss_exact: bool
+    rank0_planning_peak_rss_mib: float  # rank 0 after reading the inputs and sending the plans
     memory_budget_mib: float
     buffer_mib: float
     piece_capacity_elements: int

@@ -6,6 +6,8 @@ a ``torch.save`` blob, an object as its raw bytes) and returns the small ``(key,
 offset, length)`` records; rank 0 assembles them into ``.metadata``. The output is written into
 a hidden temporary directory next to its final place, renamed into place, and only then does
 the tracker file move (Megatron-LM's own rule: the tracker names complete checkpoints only).
+A lock file in each output root keeps a second merge from touching it meanwhile. A failed
+write (full disk, permissions) is one :class:`MergeError` naming the path.
 """
 
 from __future__ import annotations
@@ -14,8 +16,11 @@ import json
 import os
 import pickle
 import shutil
+import socket
+import time
 import uuid
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -23,9 +28,14 @@ from typing import Any
 import torch
 from torch.utils.serialization import config as serialization_config
 
-from wsm_megatron.layout import iteration_dir, iteration_dirname, read_tracker, write_tracker
+from wsm_megatron.layout import (
+    TRACKER_FILENAME,
+    iteration_dir,
+    iteration_dirname,
+    read_tracker,
+    write_tracker,
+)
 from wsm_megatron.merge.dcp_format import (
-    CURRENT_DCP_VERSION,
     METADATA_FILENAME,
     BytesStorageMetadata,
     ChunkStorageMetadata,
@@ -40,6 +50,26 @@ from wsm_megatron.merge.errors import MergeError
 TMP_PREFIX = ".wsm-merge-tmp-"
 OLD_PREFIX = ".wsm-merge-old-"
 MERGE_INFO_FILENAME = "merge_info.json"
+LOCK_FILENAME = ".wsm-merge.lock"
+
+
+def write_error(path: Path, err: BaseException) -> MergeError:
+    """One line for a failed write of ``path``, naming the OS error behind it (torch wraps
+    e.g. a full disk's ``OSError`` in a ``RuntimeError``)."""
+    cause: BaseException | None = err
+    while cause is not None and not isinstance(cause, OSError):
+        cause = cause.__cause__ or cause.__context__
+    reason = cause.strerror if isinstance(cause, OSError) and cause.strerror else str(err)
+    return MergeError(f"cannot write {path}: {reason}")
+
+
+@contextmanager
+def writing(path: Path) -> Iterator[None]:
+    """Turn a failure to write ``path`` into :func:`write_error`'s one line."""
+    try:
+        yield
+    except (OSError, RuntimeError) as err:
+        raise write_error(path, err) from None
 
 
 @dataclass(frozen=True)
@@ -68,7 +98,8 @@ class ShardWriter:
 
     def _open(self) -> Any:
         if self._file is None:
-            self._file = open(self.path, "wb")
+            with writing(self.path):
+                self._file = open(self.path, "wb")
         return self._file
 
     def write_tensor(self, fqn: str, offsets: tuple[int, ...], tensor: torch.Tensor) -> None:
@@ -83,7 +114,8 @@ class ShardWriter:
         crc = save_config.compute_crc32
         save_config.compute_crc32 = False
         try:
-            torch.save(tensor, f)
+            with writing(self.path):
+                torch.save(tensor, f)
         finally:
             save_config.compute_crc32 = crc
         length = f.tell() - start
@@ -97,7 +129,8 @@ class ShardWriter:
         self._object_start = self._open().tell()
 
     def append(self, data: memoryview) -> None:
-        self._file.write(data)
+        with writing(self.path):
+            self._file.write(data)
 
     def end_object(self, fqn: str) -> None:
         length = self._file.tell() - self._object_start
@@ -109,18 +142,23 @@ class ShardWriter:
     def close(self) -> None:
         """Flush and fsync the file (no-op if nothing was written)."""
         if self._file is not None:
-            self._file.flush()
-            os.fsync(self._file.fileno())
-            self._file.close()
-            self._file = None
+            file, self._file = self._file, None
+            with writing(self.path):
+                try:
+                    file.flush()
+                    os.fsync(file.fileno())
+                finally:
+                    file.close()
 
 
 def build_metadata(
     records: Iterable[WriteRecord],
     reference: dict[str, Any],
+    version: str | None,
 ) -> Metadata:
     """DCP ``.metadata`` for the written records; ``reference`` is the newest input's
-    ``state_dict_metadata`` (global shapes and tensor properties)."""
+    ``state_dict_metadata`` (global shapes and tensor properties), ``version`` its DCP version
+    stamp (one its readers accept, whatever the running torch writes)."""
     chunks: dict[str, list[ChunkStorageMetadata]] = {}
     dtypes: dict[str, torch.dtype] = {}
     storage: dict[MetadataIndex, Any] = {}
@@ -154,7 +192,7 @@ def build_metadata(
     return Metadata(
         state_dict_metadata=dict(sorted(state.items())),
         storage_data=storage,
-        version=CURRENT_DCP_VERSION,
+        version=version,
     )
 
 
@@ -168,7 +206,7 @@ def _fsync_path(path: Path) -> None:
 
 def write_file(path: Path, data: bytes) -> None:
     """Write and fsync a small file."""
-    with open(path, "wb") as f:
+    with writing(path), open(path, "wb") as f:
         f.write(data)
         f.flush()
         os.fsync(f.fileno())
@@ -180,7 +218,7 @@ def write_metadata(directory: Path, metadata: Metadata) -> None:
 
 def write_common(directory: Path, state: dict[str, Any]) -> None:
     path = directory / "common.pt"
-    with open(path, "wb") as f:
+    with writing(path), open(path, "wb") as f:
         torch.save(state, f)
         f.flush()
         os.fsync(f.fileno())
@@ -210,8 +248,77 @@ def recover_output_root(root: Path, iteration: int) -> None:
 def make_tmp_dir(root: Path, iteration: int) -> Path:
     """A fresh hidden directory in ``root`` to build ``iter_<iteration>`` in."""
     path = root / f"{TMP_PREFIX}{iteration_dirname(iteration)}-{uuid.uuid4().hex[:12]}"
-    path.mkdir()
+    with writing(path):
+        path.mkdir()
     return path
+
+
+def copy_directories(source: Path, target: Path) -> list[str]:
+    """Copy the sub-directories of checkpoint ``source`` (e.g. ``modelopt_state/``) into
+    ``target``; returns their names."""
+    names = sorted(p.name for p in source.iterdir() if p.is_dir())
+    for name in names:
+        with writing(target / name):
+            shutil.copytree(source / name, target / name)
+    return names
+
+
+def _lock_owner(path: Path) -> dict[str, Any] | None:
+    try:
+        owner = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+    return owner if isinstance(owner, dict) else None
+
+
+def _is_dead(owner: dict[str, Any] | None) -> bool:
+    """Whether a lock's owner is a process of this host that no longer runs."""
+    if owner is None or owner.get("host") != socket.gethostname():
+        return False
+    try:
+        os.kill(int(owner["pid"]), 0)
+    except ProcessLookupError:
+        return True
+    except (OSError, KeyError, TypeError, ValueError):
+        return False
+    return False
+
+
+def lock_output_root(root: Path) -> Path:
+    """Claim ``root`` for this merge with a lock file holding this process's pid and host; a
+    live claim is an error, a dead process's claim on this host is taken over."""
+    path = root / LOCK_FILENAME
+    owner = {
+        "pid": os.getpid(),
+        "host": socket.gethostname(),
+        "started_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+    }
+    while True:
+        try:
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+            break
+        except FileExistsError:
+            held = _lock_owner(path)
+            if not _is_dead(held):
+                who = f"pid {held.get('pid')} on {held.get('host')}" if held else "unknown"
+                raise MergeError(
+                    f"output root {root} is in use by another wsm-merge ({who}; lock file "
+                    f"{path}): wait for it to finish, or remove the lock file if it is no "
+                    "longer running"
+                ) from None
+            path.unlink(missing_ok=True)  # left by a killed merge on this host
+        except OSError as err:
+            raise write_error(path, err) from None
+    with writing(path), os.fdopen(fd, "w") as f:
+        json.dump(owner, f)
+    return path
+
+
+def unlock_output_root(lock: Path) -> None:
+    """Release a claim of :func:`lock_output_root` (if it is still this process's)."""
+    owner = _lock_owner(lock)
+    if owner is not None and owner.get("pid") == os.getpid():
+        lock.unlink(missing_ok=True)
 
 
 def publish(tmp_dir: Path, root: Path, iteration: int, *, overwrite: bool) -> Path:
@@ -224,14 +331,17 @@ def publish(tmp_dir: Path, root: Path, iteration: int, *, overwrite: bool) -> Pa
         if not overwrite:
             raise MergeError(f"output {final} exists (pass --overwrite to replace it)")
         old = root / f"{OLD_PREFIX}{final.name}-{uuid.uuid4().hex[:12]}"
-        os.rename(final, old)
-    os.rename(tmp_dir, final)
+        with writing(old):
+            os.rename(final, old)
+    with writing(final):
+        os.rename(tmp_dir, final)
     _fsync_path(root)
     current = read_tracker(root)
     newest = iteration
     if current is not None and current > iteration and iteration_dir(root, current).is_dir():
         newest = current
-    write_tracker(root, newest)
+    with writing(root / TRACKER_FILENAME):
+        write_tracker(root, newest)
     if old is not None:
         shutil.rmtree(old)
     return final
