@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -189,3 +190,18 @@ def test_corpus_cache_follows_xdg_cache_home(monkeypatch, tmp_path):
     assert default_cache_dir() == tmp_path / "wsm-megatron"
     monkeypatch.delenv("XDG_CACHE_HOME")
     assert default_cache_dir() == Path.home() / ".cache" / "wsm-megatron"
+
+
+def test_config_errors_and_print_config_import_neither_torch_nor_megatron(tmp_path):
+    probe = (
+        "import sys\n"
+        "from wsm_megatron.cli.train import main\n"
+        "codes = [main(['--config', sys.argv[1], 'train.lr=fast']),\n"
+        "         main(['--config', sys.argv[1], '--print-config'])]\n"
+        "heavy = sorted(m for m in ('torch', 'megatron') if m in sys.modules)\n"
+        "print(codes, heavy, file=sys.stderr)\n"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", probe, str(TINY)], capture_output=True, text=True, check=True
+    )
+    assert done.stderr.splitlines()[-1] == "[2, 0] []"
