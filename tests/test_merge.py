@@ -28,7 +28,7 @@ from wsm_megatron.testing.checkpoints import (
     te_extra_state,
 )
 from wsm_megatron.testing.distributed import run_distributed
-from wsm_megatron.testing.models import load_into_tiny_gpt
+from wsm_megatron.testing.models import assert_shards_match, load_into_tiny_gpt
 from wsm_megatron.theory import merge_weights
 
 ITERATIONS = (100, 200, 300, 400, 500)
@@ -295,14 +295,7 @@ def test_megatron_loads_output_at_other_layouts(streamed, tp, pp):
     """The streamed output stores each chunk as many sub-chunks: DCP reshards them on load."""
     tensors = load_dcp_tensors(streamed[0])
     loaded = run_distributed(_load_with_megatron, tp * pp, str(streamed[0]), tp, pp)
-    seen = set()
-    for rank_tensors in loaded:
-        for key, offset, prepend, data in rank_tensors:
-            shape = (1,) * prepend + tuple(data.shape)
-            box = tuple(slice(o, o + s) for o, s in zip(offset, shape, strict=True))
-            assert torch.equal(data, tensors[key][box].reshape(data.shape)), key
-            seen.add(key)
-    assert seen == {k for k, x in tensors.items() if x.dtype.is_floating_point}
+    assert_shards_match(loaded, tensors)
 
 
 def test_sweep_reads_each_input_once(ckpts, merged, tmp_path):

@@ -31,7 +31,7 @@ from wsm_megatron.testing.checkpoints import (
     write_dcp_checkpoint,
 )
 from wsm_megatron.testing.distributed import run_distributed
-from wsm_megatron.testing.models import load_into_tiny_gpt
+from wsm_megatron.testing.models import assert_shards_match, load_into_tiny_gpt
 from wsm_megatron.theory import merge_weights
 
 ITERATIONS = (100, 200, 300, 400)
@@ -285,14 +285,7 @@ def test_megatron_loads_cross_layout_output(ckpts, merged, layout_300, tp, pp, w
     out = merged[0] if which == "newest" else layout_300
     tensors = load_dcp_tensors(out)
     loaded = run_distributed(_load_with_megatron, tp * pp, str(out), tp, pp)
-    seen = set()
-    for rank_tensors in loaded:
-        for key, offset, prepend, data in rank_tensors:
-            shape = (1,) * prepend + tuple(data.shape)
-            box = tuple(slice(o, o + s) for o, s in zip(offset, shape, strict=True))
-            assert torch.equal(data, tensors[key][box].reshape(data.shape)), key
-            seen.add(key)
-    assert seen == {k for k, x in tensors.items() if x.dtype.is_floating_point}
+    assert_shards_match(loaded, tensors)
 
 
 # --- what cannot be merged across layouts ---------------------------------------------------

@@ -77,3 +77,16 @@ def load_into_tiny_gpt(ckpt_dir: str, tp: int, pp: int) -> tuple[dict, list[tupl
         for sh in _sharded_tensors(model.sharded_state_dict())
     ]
     return state, shards
+
+
+def assert_shards_match(loaded: list[list[tuple]], tensors: dict[str, torch.Tensor]) -> None:
+    """Every rank's loaded shard (from :func:`load_into_tiny_gpt`) equals its box of the global
+    ``tensors``, and every floating tensor was loaded somewhere."""
+    seen = set()
+    for rank_shards in loaded:
+        for key, offset, prepend, data in rank_shards:
+            shape = (1,) * prepend + tuple(data.shape)
+            box = tuple(slice(o, o + s) for o, s in zip(offset, shape, strict=True))
+            assert torch.equal(data, tensors[key][box].reshape(data.shape)), key
+            seen.add(key)
+    assert seen == {k for k, x in tensors.items() if x.dtype.is_floating_point}
