@@ -286,9 +286,10 @@ def test_kill_mid_merge_leaves_output_root_unchanged(big, tmp_path, sig):
     out.mkdir()
     argv = ["--input", str(big), "--output", str(out), "--last", "4", "--no-progress"]
     slow = ["--memory-budget-mb", "0.25", "--io-threads", "1"]  # thousands of tiny pieces
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "wsm_megatron.cli.merge", *argv, *slow], stderr=subprocess.PIPE
-    )
+    stderr = (tmp_path / "stderr.txt").open("w+")
+    # -X faulthandler: a merge that does not stop is made to print every thread's stack.
+    command = [sys.executable, "-X", "faulthandler", "-m", "wsm_megatron.cli.merge"]
+    proc = subprocess.Popen([*command, *argv, *slow], stderr=stderr)
     deadline = time.monotonic() + 120
     while time.monotonic() < deadline and proc.poll() is None:
         shards = [f for d in _tmp_dirs(out) for f in d.glob("*.distcp")]
@@ -297,7 +298,13 @@ def test_kill_mid_merge_leaves_output_root_unchanged(big, tmp_path, sig):
         time.sleep(0.02)
     assert proc.poll() is None, "the merge ended before it could be interrupted"
     proc.send_signal(sig)
-    proc.wait(timeout=60)
+    try:
+        proc.wait(timeout=60)
+    except subprocess.TimeoutExpired:
+        proc.send_signal(signal.SIGABRT)
+        proc.wait(timeout=60)
+        stderr.seek(0)
+        pytest.fail(f"the merge did not stop on {sig.name}:\n{stderr.read()}")
     assert proc.returncode != 0
     assert not iteration_dir(out, 4000).exists() and read_tracker(out) is None
     leftovers = _tmp_dirs(out)

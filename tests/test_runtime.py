@@ -1,8 +1,12 @@
 """Launch-environment detection (torchrun, SLURM, single process) and parallel-size checks."""
 
+import os
+import signal
+import time
+
 import pytest
 
-from wsm_megatron.runtime import ParallelConfig, detect_launch_env, first_slurm_host
+from wsm_megatron.runtime import ParallelConfig, detect_launch_env, first_slurm_host, termination
 
 TORCHRUN = {
     "RANK": "5",
@@ -92,3 +96,22 @@ def test_parallel_sizes():
         ParallelConfig(tensor_model_parallel_size=0)
     with pytest.raises(ValueError, match="expert parallel size 4"):
         ParallelConfig(expert_model_parallel_size=4).data_parallel_size(2)
+
+
+def test_sigterm_inside_a_deferred_section_raises_at_the_safe_point():
+    before = signal.getsignal(signal.SIGTERM)
+    with termination.stop_on_sigterm():
+        with pytest.raises(SystemExit) as stopped:
+            with termination.deferred():
+                os.kill(os.getpid(), signal.SIGTERM)  # the handler runs here, raises nothing
+                reached = True
+                termination.raise_if_requested()
+                reached_after = True
+        assert reached and "reached_after" not in locals()
+        assert stopped.value.code == 143
+        # Outside a deferred section SIGTERM raises at once.
+        with pytest.raises(SystemExit):
+            os.kill(os.getpid(), signal.SIGTERM)
+            time.sleep(5)
+    termination.raise_if_requested()  # the request ends with stop_on_sigterm
+    assert signal.getsignal(signal.SIGTERM) == before

@@ -15,9 +15,7 @@ from __future__ import annotations
 
 import argparse
 import resource
-import signal
 import sys
-import threading
 from collections.abc import Sequence
 
 from wsm_megatron.cli.arguments import comma_separated
@@ -243,6 +241,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     from wsm_megatron.merge.api import merge
     from wsm_megatron.runtime import detect_launch_env, init_distributed
+    from wsm_megatron.runtime.termination import stop_on_sigterm
 
     try:
         launch = detect_launch_env()
@@ -254,19 +253,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         # gloo, whatever the node has: merge ranks do CPU work and only exchange metadata, so
         # their number per node is not tied to the GPUs (and Megatron is never imported).
         init_distributed(megatron=False, backend="gloo", timeout_minutes=120)
-    previous = None
-    if threading.current_thread() is threading.main_thread():
-        # SLURM and torchrun stop jobs with SIGTERM: unwind so the temporary output is removed.
-        previous = signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     try:
-        result = merge(config)
+        with stop_on_sigterm():  # unwind on SIGTERM, so the temporary output is removed
+            result = merge(config)
     except MergeError as err:
         if launch.rank == 0:
             _error(str(err))
         return 1
     finally:
-        if previous is not None:
-            signal.signal(signal.SIGTERM, previous)
         if started_group:
             dist.destroy_process_group()
     if launch.rank == 0:

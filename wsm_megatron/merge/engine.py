@@ -31,6 +31,7 @@ from wsm_megatron.merge.dcp_format import RawTensor, StorageFiles, locate_tensor
 from wsm_megatron.merge.errors import MergeError
 from wsm_megatron.merge.plan import AVERAGE, BytesItem, Piece, RankPlan, Segment, Unit
 from wsm_megatron.merge.writer import ShardWriter, WriteRecord
+from wsm_megatron.runtime import termination
 
 
 @dataclass(frozen=True)
@@ -271,6 +272,12 @@ class RankMerger:
             )
 
     def run(self) -> RankOutcome:
+        """Merge this rank's units; SIGTERM stops it between units (worker threads share
+        queues with this loop, so nothing is raised inside it at an arbitrary point)."""
+        with termination.deferred():
+            return self._run()
+
+    def _run(self) -> RankOutcome:
         plan = self.plan
         requests = [r for unit in plan.units for r in _reads(unit, plan.buffers.slot_bytes)]
         self._prefetch = _Prefetcher(requests, len(self._slots), plan.io_threads, self._read)
@@ -281,6 +288,7 @@ class RankMerger:
         torch.set_num_threads(plan.threads)
         try:
             for unit in plan.units:
+                termination.raise_if_requested()
                 if isinstance(unit, Piece):
                     self._merge_piece(unit, stream)
                     outcome.pieces += 1
