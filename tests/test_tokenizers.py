@@ -123,6 +123,9 @@ def test_preprocess_with_each_type(files, tmp_path, capsys):
         dataset = _indexed(preprocess([docs], args, tmp_path / kind, progress=False))
         expected = [tokenizer.tokenize(t) + [tokenizer.eod] for t in [*TEXTS, UNSEEN]]
         assert [dataset[i].tolist() for i in range(len(dataset))] == expected
+    parallel = preprocess([docs], _args(files, "json"), tmp_path / "par", workers=2, progress=False)
+    for suffix in (".bin", ".idx"):  # forked workers: the same files
+        assert Path(parallel + suffix).read_bytes() == (tmp_path / f"json{suffix}").read_bytes()
     # tools/preprocess_data.py with Megatron-LM's flags writes the same files.
     tool = _load_tool("preprocess_data")
     flags = {
