@@ -20,6 +20,7 @@ setup(
         "megatron-core>=0.16.1,<1",
         "numpy",
         "sentencepiece",
+        "tokenizers",  # Hugging Face tokenizer.json and GPT-2 BPE; no transformers needed
         "pyyaml",
         "tqdm",
         "matplotlib",

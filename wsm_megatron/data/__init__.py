@@ -9,7 +9,15 @@ import importlib
 from typing import Any
 
 _EXPORTS = {
-    "config": ("Blend", "DataConfig", "parse_blend", "parse_split"),
+    "config": (
+        "TOKENIZER_TYPES",
+        "Blend",
+        "DataConfig",
+        "TokenizerArgs",
+        "parse_blend",
+        "parse_split",
+        "tokenizer_args",
+    ),
     "corpus": ("CorpusFiles", "default_corpus", "split_train_valid", "stdlib_files"),
     "datasets": (
         "BATCH_KEYS",
@@ -35,11 +43,13 @@ def __getattr__(name: str) -> Any:
 
 __all__ = [
     "BATCH_KEYS",
+    "TOKENIZER_TYPES",
     "Blend",
     "CorpusFiles",
     "DataConfig",
     "DataSplits",
     "Tokenizer",
+    "TokenizerArgs",
     "TrainBatches",
     "build_datasets",
     "build_tokenizer",
@@ -52,6 +62,7 @@ __all__ = [
     "split_train_valid",
     "stdlib_files",
     "token_dtype",
+    "tokenizer_args",
     "train_tokenizer",
     "write_indexed_dataset",
 ]

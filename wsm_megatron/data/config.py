@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 import os
 import re
+from collections.abc import Callable
 from dataclasses import dataclass
 
 Blend = tuple[list[str], list[float] | None]
@@ -65,6 +66,90 @@ def parse_blend(field: str, entries: list[str | float] | str) -> Blend:
     return prefixes, weights
 
 
+TOKENIZER_TYPES = ("SentencePieceTokenizer", "HuggingFaceTokenizer", "GPT2BPETokenizer")
+"""The tokenizer types wsm-megatron builds (Megatron-LM's ``--tokenizer-type`` names)."""
+
+
+def _config_key(name: str) -> str:
+    return f"DataConfig.{name}"
+
+
+@dataclass(frozen=True)
+class TokenizerArgs:
+    """A tokenizer as Megatron-LM names it: ``--tokenizer-type``, ``--tokenizer-model``,
+    ``--vocab-file``, ``--merge-file``; build one with :func:`tokenizer_args` (validated)."""
+
+    type: str
+    model: str | None = None
+    vocab_file: str | None = None
+    merge_file: str | None = None
+    key: Callable[[str], str] = _config_key
+    """How error messages name a field (``tokenizer_model`` -> ``DataConfig.tokenizer_model``)."""
+
+    def check_files(self) -> None:
+        """Raise ValueError naming the key and path of a missing tokenizer file."""
+        files = {"tokenizer_model": self.model, "vocab_file": self.vocab_file}
+        files["merge_file"] = self.merge_file
+        for name, path in files.items():
+            if path is None:
+                continue
+            if self.type == "HuggingFaceTokenizer" and os.path.isdir(path):
+                if not os.path.isfile(os.path.join(path, "tokenizer.json")):
+                    raise ValueError(f"{self.key(name)}: directory {path!r} has no tokenizer.json")
+            elif not os.path.isfile(path):
+                raise ValueError(f"{self.key(name)}: no such file {path!r}")
+
+
+def tokenizer_args(
+    tokenizer_type: str | None,
+    tokenizer_model: str | None,
+    vocab_file: str | None = None,
+    merge_file: str | None = None,
+    key: Callable[[str], str] = _config_key,
+) -> TokenizerArgs | None:
+    """Check which files a tokenizer type needs; None when nothing is set (a corpus's, later).
+
+    Without ``tokenizer_type``: ``GPT2BPETokenizer`` when only ``vocab_file`` is set,
+    ``HuggingFaceTokenizer`` when ``tokenizer_model`` is a ``.json`` file or a directory, else
+    ``SentencePieceTokenizer``. Files are not opened here (:meth:`TokenizerArgs.check_files`).
+    """
+    if tokenizer_type is None:
+        if tokenizer_model is None and vocab_file is None and merge_file is None:
+            return None
+        if tokenizer_model is None and vocab_file is not None:
+            tokenizer_type = "GPT2BPETokenizer"
+        elif tokenizer_model is not None and (
+            str(tokenizer_model).endswith(".json") or os.path.isdir(tokenizer_model)
+        ):
+            tokenizer_type = "HuggingFaceTokenizer"
+        else:
+            tokenizer_type = "SentencePieceTokenizer"
+    elif tokenizer_type not in TOKENIZER_TYPES:
+        raise ValueError(
+            f"{key('tokenizer_type')}: unknown tokenizer type {tokenizer_type!r} "
+            f"(valid: {', '.join(TOKENIZER_TYPES)})"
+        )
+    given = {"tokenizer_model": tokenizer_model, "vocab_file": vocab_file}
+    given["merge_file"] = merge_file
+    needed = ("vocab_file", "merge_file") if tokenizer_type == "GPT2BPETokenizer" else None
+    needed = needed or ("tokenizer_model",)
+    for name, value in given.items():
+        if name in needed and value is None:
+            raise ValueError(f"{key(name)}: required by tokenizer type {tokenizer_type}")
+        if name not in needed and value is not None:
+            raise ValueError(
+                f"{key(name)}: not used by tokenizer type {tokenizer_type} (it takes "
+                f"{' and '.join(key(n) for n in needed)})"
+            )
+    return TokenizerArgs(
+        tokenizer_type,
+        None if tokenizer_model is None else str(tokenizer_model),
+        None if vocab_file is None else str(vocab_file),
+        None if merge_file is None else str(merge_file),
+        key,
+    )
+
+
 def parse_split(split: str) -> list[float]:
     """Parse a Megatron split string ``"969,30,1"`` into normalised train/valid/test fractions."""
     if not isinstance(split, str) or not _SPLIT_RE.match(split):
@@ -89,7 +174,9 @@ class DataConfig:
     share of ``train_data`` (Megatron's ``--split``). With ``anneal_data``, exactly one of
     ``anneal_start_iteration``/``anneal_start_tokens`` (T_switch) says where training switches to
     the annealing blend: ``anneal_start_iteration=k`` trains iterations ``0..k-1`` on
-    ``train_data`` and every later one on ``anneal_data``.
+    ``train_data`` and every later one on ``anneal_data``. The tokenizer is Megatron-LM's
+    ``tokenizer_type`` with ``tokenizer_model`` (SentencePiece ``.model``; Hugging Face
+    ``tokenizer.json`` or its directory) or ``vocab_file`` + ``merge_file`` (GPT-2 BPE).
     """
 
     train_data: list[str | float] | str
@@ -100,7 +187,10 @@ class DataConfig:
     anneal_data: list[str | float] | str | None = None
     anneal_start_iteration: int | None = None
     anneal_start_tokens: int | None = None
+    tokenizer_type: str | None = None
     tokenizer_model: str | None = None
+    vocab_file: str | None = None
+    merge_file: str | None = None
     mmap_bin_files: bool = True
     cache_dir: str | None = None
 
@@ -111,6 +201,7 @@ class DataConfig:
         if self.anneal_data is not None:
             parse_blend("anneal_data", self.anneal_data)
         parse_split(self.split)
+        tokenizer_args(self.tokenizer_type, self.tokenizer_model, self.vocab_file, self.merge_file)
         if not isinstance(self.seq_length, int) or self.seq_length < 1:
             raise ValueError(
                 f"DataConfig.seq_length: must be an integer >= 1, got {self.seq_length!r}"
@@ -157,6 +248,13 @@ class DataConfig:
         return None if self.anneal_data is None else parse_blend("anneal_data", self.anneal_data)
 
     @property
+    def tokenizer(self) -> TokenizerArgs | None:
+        """The tokenizer's type and files (validated; files not opened), or None if unset."""
+        return tokenizer_args(
+            self.tokenizer_type, self.tokenizer_model, self.vocab_file, self.merge_file
+        )
+
+    @property
     def split_fractions(self) -> list[float]:
         """``split`` as normalised train/valid/test fractions."""
         return parse_split(self.split)
@@ -189,5 +287,5 @@ class DataConfig:
                             f"DataConfig.{field}: dataset prefix {prefix!r} has no "
                             f"{prefix + suffix} (expected PREFIX.bin and PREFIX.idx)"
                         )
-        if self.tokenizer_model is not None and not os.path.isfile(self.tokenizer_model):
-            raise ValueError(f"DataConfig.tokenizer_model: no such file {self.tokenizer_model!r}")
+        if self.tokenizer is not None:
+            self.tokenizer.check_files()

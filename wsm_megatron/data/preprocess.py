@@ -9,7 +9,8 @@ from pathlib import Path
 
 import numpy as np
 
-from wsm_megatron.data.tokenizer import Tokenizer
+from wsm_megatron.data.config import TokenizerArgs
+from wsm_megatron.data.tokenizer import Tokenizer, build_tokenizer
 
 
 def iter_documents(
@@ -130,7 +131,7 @@ def write_indexed_dataset(
 
 def preprocess(
     inputs: Sequence[str | os.PathLike[str]],
-    tokenizer: Tokenizer,
+    tokenizer: Tokenizer | TokenizerArgs,
     output_prefix: str | os.PathLike[str],
     *,
     json_key: str = "text",
@@ -139,12 +140,15 @@ def preprocess(
     progress: bool = True,
 ) -> str:
     """Tokenize the documents of ``inputs`` (:func:`iter_documents`) into a Megatron indexed
-    dataset at ``output_prefix`` (:func:`write_indexed_dataset`); returns the prefix."""
+    dataset at ``output_prefix`` (:func:`write_indexed_dataset`); returns the prefix.
+    ``tokenizer`` is a loaded one or the arguments to build one (:func:`build_tokenizer`)."""
     if not inputs:
         raise ValueError("preprocess: no input files")
     for path in map(Path, inputs):
         if not path.is_file():
             raise ValueError(f"input file {str(path)!r} does not exist")
+    if isinstance(tokenizer, TokenizerArgs):
+        tokenizer = build_tokenizer(tokenizer)
     documents: Iterable[str] = iter_documents(inputs, json_key)
     if not any(Path(p).suffix == ".jsonl" for p in inputs):
         documents = list(documents)  # one per file: known count, for the progress bar

@@ -104,7 +104,7 @@ def model_lm(session: Any, model: list[Any]) -> Any:
     from wsm_megatron.data import build_tokenizer
     from wsm_megatron.eval.adapter import MegatronLM
 
-    tokenizer = build_tokenizer(session.config.data.tokenizer_model)
+    tokenizer = build_tokenizer(session.config.data)
     return MegatronLM(model, tokenizer, session.config.seq_length)
 
 

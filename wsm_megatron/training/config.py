@@ -683,7 +683,14 @@ def config_from_dict(raw: Mapping[str, Any]) -> WSMConfig:
     }
     data = dict(raw["data"] or {})
     if corpus.name is not None:
-        for key in ("train_data", "valid_data", "tokenizer_model"):
+        for key in (
+            "train_data",
+            "valid_data",
+            "tokenizer_type",
+            "tokenizer_model",
+            "vocab_file",
+            "merge_file",
+        ):
             if data.get(key) not in (None, CORPUS_PENDING):
                 raise ConfigError(
                     f"data.{key}: comes from corpus.name={corpus.name}; "

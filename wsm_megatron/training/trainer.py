@@ -120,7 +120,7 @@ def _start(config: WSMConfig, *, need_train: bool) -> _Session:
         )
     _set_random_seed(t.seed)
     config = resolve_corpus(config, progress=runtime.is_main)
-    tokenizer = build_tokenizer(config.data.tokenizer_model)
+    tokenizer = build_tokenizer(config.data)
     built = build_model(config, tokenizer.vocab_size)
     data = build_datasets(
         config.data,
