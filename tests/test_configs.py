@@ -94,7 +94,7 @@ def test_overrides_parse_as_yaml_and_nest():
         (["merge.schedule=median"], "merge.schedule: "),
         (["data.train_data=[x]"], "data.train_data: comes from corpus.name=stdlib"),
         (["corpus.name=null"], "data.train_data: required, not set"),
-        (["data.seq_length=0"], "data: DataConfig.seq_length: must be an integer >= 1"),
+        (["data.seq_length=0"], "data.seq_length: must be an integer >= 1"),
         (["train.lr"], "train.lr: an override is section.key=value"),
         (["lr=1e-3"], "lr: not a section.key; did you mean train.lr=1e-3?"),
         (["train=1"], "train: not a section.key; train is a section: set one of its keys"),

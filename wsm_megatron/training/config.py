@@ -662,7 +662,11 @@ def _build_section(cls: type, raw: Any, prefix: str) -> Any:
     except ConfigError:
         raise
     except ValueError as err:  # a section's own validation (the data section's)
-        raise ConfigError(f"{prefix}: {err}") from None
+        message = str(err)
+        own = f"{cls.__name__}."  # its messages name keys by class: data.split, not DataConfig.split
+        if message.startswith(own):
+            raise ConfigError(f"{prefix}.{message[len(own) :]}") from None
+        raise ConfigError(f"{prefix}: {message}") from None
 
 
 def config_from_dict(raw: Mapping[str, Any]) -> WSMConfig:
