@@ -34,7 +34,15 @@ def train_summary(overrides: list[str]) -> dict[str, Any]:
     from wsm_megatron.training.trainer import pretrain
 
     result = pretrain(load_config(TINY_CONFIG, overrides))
-    model = unwrap_model(result.state.model[0])
+    chunks = unwrap_model(result.state.model)
+    weights = {}
+    for i, chunk in enumerate(chunks):  # interleaved pipeline: "model1.decoder..." and so on
+        prefix = "" if len(chunks) == 1 else f"model{i}."
+        weights.update(
+            (prefix + k, v.detach().numpy().copy())
+            for k, v in chunk.state_dict().items()
+            if isinstance(v, torch.Tensor)
+        )
     return {
         "grid": (
             parallel_state.get_tensor_model_parallel_rank(),
@@ -50,9 +58,5 @@ def train_summary(overrides: list[str]) -> dict[str, Any]:
         "windows": {it: p.iterations for it, p in result.merge_points.items()},
         "coefficients": {it: p.weights.coefficients for it, p in result.merge_points.items()},
         "ring_rebuild": result.ring_rebuild,
-        "weights": {
-            k: v.detach().numpy().copy()
-            for k, v in model.state_dict().items()
-            if isinstance(v, torch.Tensor)
-        },
+        "weights": weights,
     }

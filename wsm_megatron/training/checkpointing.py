@@ -182,6 +182,8 @@ def checkpoint_args(
         moe_layer_freq=m.moe_layer_freq,
         tensor_model_parallel_size=p.tensor_model_parallel_size,
         pipeline_model_parallel_size=p.pipeline_model_parallel_size,
+        virtual_pipeline_model_parallel_size=p.virtual_pipeline_model_parallel_size,
+        context_parallel_size=p.context_parallel_size,
         expert_model_parallel_size=p.expert_model_parallel_size,
         sequence_parallel=p.sequence_parallel,
         world_size=world,

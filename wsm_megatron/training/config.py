@@ -190,8 +190,16 @@ class ParallelismConfig:
 
     tensor_model_parallel_size: int = 1
     pipeline_model_parallel_size: int = 1
+    virtual_pipeline_model_parallel_size: int | None = None
+    """Interleaved pipeline: model chunks per pipeline rank (Megatron-LM's name); the global
+    batch must give each rank a multiple of ``pipeline_model_parallel_size`` microbatches."""
+    context_parallel_size: int = 1
+    """Split each sequence over this many ranks (needs Transformer Engine attention, a GPU)."""
     expert_model_parallel_size: int = 1
     sequence_parallel: bool = False
+    tp_comm_overlap: bool = False
+    """Overlap tensor-parallel communication with GEMMs (Megatron-LM's ``--tp-comm-overlap``;
+    Transformer Engine on a GPU, with sequence parallelism)."""
     use_distributed_optimizer: bool = True
     """GPU only: Megatron's distributed optimizer (the CPU path uses Megatron's FP32 optimizer)."""
     overlap_grad_reduce: bool = True
@@ -204,10 +212,31 @@ class ParallelismConfig:
             "parallel",
             tensor_model_parallel_size=self.tensor_model_parallel_size,
             pipeline_model_parallel_size=self.pipeline_model_parallel_size,
+            context_parallel_size=self.context_parallel_size,
             expert_model_parallel_size=self.expert_model_parallel_size,
         )
         if self.sequence_parallel and self.tensor_model_parallel_size == 1:
             raise ConfigError("parallel.sequence_parallel: needs tensor_model_parallel_size > 1")
+        vpp = self.virtual_pipeline_model_parallel_size
+        if vpp is not None and vpp < 2:
+            raise ConfigError(
+                f"parallel.virtual_pipeline_model_parallel_size: must be >= 2 model chunks per "
+                f"pipeline rank, got {vpp} (null: no interleaving)"
+            )
+        if vpp is not None and self.pipeline_model_parallel_size == 1:
+            raise ConfigError(
+                "parallel.virtual_pipeline_model_parallel_size: the interleaved schedule needs "
+                "pipeline_model_parallel_size > 1"
+            )
+        if self.tp_comm_overlap and self.tensor_model_parallel_size == 1:
+            raise ConfigError("parallel.tp_comm_overlap: needs tensor_model_parallel_size > 1")
+        if self.tp_comm_overlap and not self.sequence_parallel:
+            raise ConfigError("parallel.tp_comm_overlap: needs parallel.sequence_parallel=true")
+
+    @property
+    def model_chunks(self) -> int:
+        """Model chunks per pipeline rank (1 without interleaving)."""
+        return self.virtual_pipeline_model_parallel_size or 1
 
 
 @dataclass
@@ -492,6 +521,13 @@ class WSMConfig:
                 f"parallel.pipeline_model_parallel_size: {pp} does not divide "
                 f"model.num_layers ({m.num_layers})"
             )
+        if m.num_layers % (pp * p.model_chunks):
+            raise ConfigError(
+                f"parallel.virtual_pipeline_model_parallel_size: model.num_layers "
+                f"({m.num_layers}) is not divisible by pipeline x virtual pipeline size "
+                f"({pp} x {p.model_chunks})"
+            )
+        self._check_context_parallel()
         if ep > 1 and (not m.is_moe or m.num_experts % ep):
             raise ConfigError(
                 f"parallel.expert_model_parallel_size: {ep} must divide model.num_experts "
@@ -530,6 +566,19 @@ class WSMConfig:
                     "or a validation share in data.split)"
                 )
 
+    def _check_context_parallel(self) -> None:
+        cp = self.parallel.context_parallel_size
+        if cp == 1:
+            return
+        if self.model.transformer_impl == "local":
+            raise ConfigError(context_parallel_needs_te())
+        if self.seq_length % (2 * cp):
+            raise ConfigError(
+                f"parallel.context_parallel_size: data.seq_length ({self.seq_length}) is not "
+                f"divisible by 2 x context_parallel_size ({2 * cp}; Megatron's load-balanced "
+                f"split)"
+            )
+
     @property
     def seq_length(self) -> int:
         return self.data.seq_length
@@ -564,6 +613,15 @@ _SECTIONS = {
     "merge": MergeConfig,
     "logging": LoggingConfig,
 }
+
+
+def context_parallel_needs_te() -> str:
+    """The one-line refusal of context parallelism without Transformer Engine attention."""
+    return (
+        "parallel.context_parallel_size: context parallelism needs Transformer Engine attention "
+        "(model.transformer_impl transformer_engine or auto, on a GPU); Megatron's local "
+        "attention does not split sequences"
+    )
 
 
 def _type_name(tp: Any) -> str:

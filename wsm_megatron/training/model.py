@@ -1,4 +1,7 @@
-"""Build this rank's GPTModel chunk from a :class:`ModelConfig` on the current parallel state.
+"""Build this rank's GPTModel chunks from a :class:`ModelConfig` on the current parallel state.
+
+One chunk per rank, or ``parallel.virtual_pipeline_model_parallel_size`` chunks with the
+interleaved pipeline (chunk ``i`` holds virtual stage ``i``: Megatron's ``vp_stage``).
 
 Layer spec: Transformer Engine's when it is importable and a GPU is present (or when asked for),
 Megatron-Core's local spec otherwise (always on CPU). Dense and MoE models (MoE layers every
@@ -9,6 +12,7 @@ from __future__ import annotations
 
 import importlib.util
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -24,7 +28,7 @@ from megatron.core.transformer import TransformerConfig
 from megatron.core.transformer.module import param_is_not_shared
 
 from wsm_megatron.runtime import cpu_compat
-from wsm_megatron.training.config import WSMConfig
+from wsm_megatron.training.config import WSMConfig, context_parallel_needs_te
 
 
 def padded_vocab_size(vocab_size: int, config: WSMConfig) -> int:
@@ -50,8 +54,18 @@ def use_transformer_engine(config: WSMConfig) -> bool:
 
 
 def check_gpu_features(config: WSMConfig, transformer_engine: bool) -> None:
-    """Fused kernels need a GPU, FP8 Transformer Engine layers: one clear error otherwise."""
-    m = config.model
+    """Fused kernels need a GPU; FP8, context parallelism and TP communication overlap
+    Transformer Engine layers: one clear error otherwise."""
+    m, p = config.model, config.parallel
+    if p.context_parallel_size > 1 and not transformer_engine:
+        raise ValueError(context_parallel_needs_te())
+    if p.tp_comm_overlap and cpu_compat.is_active():
+        raise ValueError("parallel.tp_comm_overlap: needs a GPU (Transformer Engine userbuffers)")
+    if p.tp_comm_overlap and not transformer_engine:
+        raise ValueError(
+            "parallel.tp_comm_overlap: needs Transformer Engine layers "
+            "(model.transformer_impl transformer_engine or auto with transformer_engine installed)"
+        )
     if m.fused_kernels and cpu_compat.is_active():
         raise ValueError(f"model.{m.fused_kernels[0]}: Megatron's fused kernels need a GPU")
     if m.fp8 is not None and not transformer_engine:
@@ -103,6 +117,9 @@ def transformer_config(config: WSMConfig) -> TransformerConfig:
         attention_dropout=m.attention_dropout,
         tensor_model_parallel_size=parallel_state.get_tensor_model_parallel_world_size(),
         pipeline_model_parallel_size=parallel_state.get_pipeline_model_parallel_world_size(),
+        virtual_pipeline_model_parallel_size=p.virtual_pipeline_model_parallel_size,
+        context_parallel_size=p.context_parallel_size,
+        tp_comm_overlap=p.tp_comm_overlap,
         expert_model_parallel_size=p.expert_model_parallel_size,
         sequence_parallel=p.sequence_parallel,
         use_cpu_initialization=cpu_compat.is_active(),
@@ -125,13 +142,19 @@ def transformer_config(config: WSMConfig) -> TransformerConfig:
 
 @dataclass(frozen=True)
 class BuiltModel:
-    """This rank's model chunk and what it was built from."""
+    """This rank's model chunks (one per virtual pipeline stage) and what they were built from."""
 
-    module: GPTModel
+    chunks: list[GPTModel]
     config: TransformerConfig
     vocab_size: int
     """The padded vocabulary size (the embedding's global rows)."""
     transformer_engine: bool
+
+    @property
+    def module(self) -> GPTModel:
+        """The model of a rank without interleaving (its only chunk)."""
+        assert len(self.chunks) == 1, "an interleaved pipeline has several chunks"
+        return self.chunks[0]
 
 
 def _moe_router_without_te() -> None:
@@ -143,11 +166,48 @@ def _moe_router_without_te() -> None:
         moe_utils.te_general_gemm = None
 
 
+def initialize_tp_communicators(config: WSMConfig) -> None:
+    """Transformer Engine's userbuffers for ``tp_comm_overlap``, as Megatron-LM sets them up
+    (default configuration, the activation shape of one microbatch). GPU only."""
+    from transformer_engine.pytorch.module import base as te_base
+
+    p = config.parallel
+    shape = [
+        config.seq_length * config.train.micro_batch_size // p.context_parallel_size,
+        config.model.hidden_size,
+    ]
+    fp8 = config.model.fp8 is not None
+    if hasattr(te_base, "UserBufferQuantizationMode"):  # Transformer Engine >= 2.7
+        mode = te_base.UserBufferQuantizationMode
+        modes = [mode.FP8 if fp8 else mode.NONE]
+        te_base.initialize_ub(
+            shape=shape, tp_size=p.tensor_model_parallel_size, quantization_modes=modes
+        )
+    else:
+        te_base.initialize_ub(shape=shape, tp_size=p.tensor_model_parallel_size, use_fp8=fp8)
+
+
+def _layer_spec(
+    config: WSMConfig, tconfig: TransformerConfig, te: bool, vp_stage: int | None
+) -> Any:
+    """The layer spec, or for an MoE the block spec of the chunk's layers."""
+    m = config.model
+    if m.is_moe:
+        return get_gpt_decoder_block_spec(
+            tconfig, use_transformer_engine=te, normalization=m.normalization, vp_stage=vp_stage
+        )
+    if te:
+        return get_gpt_layer_with_transformer_engine_spec(qk_layernorm=m.qk_layernorm)
+    return get_gpt_layer_local_spec(qk_layernorm=m.qk_layernorm, normalization=m.normalization)
+
+
 def build_model(config: WSMConfig, vocab_size: int) -> BuiltModel:
-    """This rank's pipeline stage of the GPT, on the device, before DDP wrapping."""
+    """This rank's pipeline stage(s) of the GPT, on the device, before DDP wrapping."""
     te = use_transformer_engine(config)
     check_gpu_features(config, te)
     tconfig = transformer_config(config)
+    if config.parallel.tp_comm_overlap:
+        initialize_tp_communicators(config)
     m = config.model
     if m.is_moe:
         if cpu_compat.is_active() and m.moe_token_dispatcher_type == "alltoall":
@@ -156,29 +216,27 @@ def build_model(config: WSMConfig, vocab_size: int) -> BuiltModel:
                 "use 'allgather' on CPU"
             )
         _moe_router_without_te()
-    if m.is_moe:
-        spec = get_gpt_decoder_block_spec(
-            tconfig, use_transformer_engine=te, normalization=m.normalization
-        )
-    elif te:
-        spec = get_gpt_layer_with_transformer_engine_spec(qk_layernorm=m.qk_layernorm)
-    else:
-        spec = get_gpt_layer_local_spec(qk_layernorm=m.qk_layernorm, normalization=m.normalization)
     padded = padded_vocab_size(vocab_size, config)
-    module = GPTModel(
-        config=tconfig,
-        transformer_layer_spec=spec,
-        vocab_size=padded,
-        max_sequence_length=m.max_position_embeddings or config.seq_length,
-        pre_process=parallel_state.is_pipeline_first_stage(),
-        post_process=parallel_state.is_pipeline_last_stage(),
-        share_embeddings_and_output_weights=not m.untie_embeddings_and_output_weights,
-        position_embedding_type=m.position_embedding_type,
-        rotary_base=m.rotary_base,
-    )
-    if not cpu_compat.is_active():
-        module = module.cuda(torch.cuda.current_device())
-    return BuiltModel(module, tconfig, padded, te)
+    interleaved = config.parallel.virtual_pipeline_model_parallel_size is not None
+    chunks = []
+    for i in range(config.parallel.model_chunks):
+        vp_stage = i if interleaved else None
+        module = GPTModel(
+            config=tconfig,
+            transformer_layer_spec=_layer_spec(config, tconfig, te, vp_stage),
+            vocab_size=padded,
+            max_sequence_length=m.max_position_embeddings or config.seq_length,
+            pre_process=parallel_state.is_pipeline_first_stage(False, vp_stage),
+            post_process=parallel_state.is_pipeline_last_stage(False, vp_stage),
+            share_embeddings_and_output_weights=not m.untie_embeddings_and_output_weights,
+            position_embedding_type=m.position_embedding_type,
+            rotary_base=m.rotary_base,
+            vp_stage=vp_stage,
+        )
+        if not cpu_compat.is_active():
+            module = module.cuda(torch.cuda.current_device())
+        chunks.append(module)
+    return BuiltModel(chunks, tconfig, padded, te)
 
 
 def count_parameters(module: torch.nn.Module) -> int:

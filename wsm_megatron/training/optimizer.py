@@ -46,15 +46,13 @@ class TrainState:
 
 
 def setup_model_and_optimizer(built: BuiltModel, config: WSMConfig) -> TrainState:
-    """Wrap ``built`` in (Float16Module and) Megatron DDP and create the Megatron optimizer."""
+    """Wrap each chunk of ``built`` in (Float16Module and) Megatron DDP and create the Megatron
+    optimizer over all of them."""
     gpu = not cpu_compat.is_active()
     p, t = config.parallel, config.train
     bf16 = mixed_precision(config)
     distributed = gpu and p.use_distributed_optimizer
     overlap_param_gather = distributed and p.overlap_param_gather
-    module: torch.nn.Module = built.module
-    if bf16:
-        module = Float16Module(built.config, module)
     ddp_config = DistributedDataParallelConfig(
         grad_reduce_in_fp32=True,
         overlap_grad_reduce=gpu and p.overlap_grad_reduce,
@@ -62,7 +60,13 @@ def setup_model_and_optimizer(built: BuiltModel, config: WSMConfig) -> TrainStat
         use_distributed_optimizer=distributed,
         check_for_nan_in_grad=True,
     )
-    ddp = DistributedDataParallel(built.config, ddp_config, module)
+    model = []
+    for i, chunk in enumerate(built.chunks):
+        module: torch.nn.Module = Float16Module(built.config, chunk) if bf16 else chunk
+        # Megatron-LM: buckets for the first chunk only (the others overlap with its backward).
+        model.append(
+            DistributedDataParallel(built.config, ddp_config, module, disable_bucketing=i > 0)
+        )
     optimizer = get_megatron_optimizer(
         OptimizerConfig(
             optimizer="adam",
@@ -77,14 +81,15 @@ def setup_model_and_optimizer(built: BuiltModel, config: WSMConfig) -> TrainStat
             params_dtype=torch.bfloat16 if bf16 else torch.float32,
             use_distributed_optimizer=distributed,
         ),
-        [ddp],
+        model,
     )
     tconfig = built.config
     tconfig.finalize_model_grads_func = finalize_model_grads
     tconfig.grad_scale_func = optimizer.scale_loss
     if ddp_config.overlap_grad_reduce:
-        tconfig.no_sync_func = ddp.no_sync
-    return TrainState([ddp], optimizer, distributed, overlap_param_gather)
+        no_sync = [chunk.no_sync for chunk in model]
+        tconfig.no_sync_func = no_sync[0] if len(no_sync) == 1 else no_sync
+    return TrainState(model, optimizer, distributed, overlap_param_gather)
 
 
 @contextmanager
@@ -98,8 +103,10 @@ def params_synced(state: TrainState) -> Iterator[None]:
     if not state.overlap_param_gather:
         yield
         return
-    state.model[0].disable_forward_pre_hook()
+    for chunk in state.model:
+        chunk.disable_forward_pre_hook()
     try:
         yield
     finally:
-        state.model[0].enable_forward_pre_hook()
+        for chunk in state.model:
+            chunk.enable_forward_pre_hook()

@@ -1,9 +1,14 @@
 """One microbatch through the model: what Megatron's pipeline schedules call ``forward_step_func``.
 
 The first pipeline stage needs the tokens and positions, the last the labels and loss mask; a
-middle stage reads nothing (its input arrives from the previous stage). As in Megatron-LM, the
-loss is normalised by the global number of tokens: each microbatch returns the sum of its token
-losses under the loss mask and its token count, the schedule adds them up, and
+middle stage reads nothing (its input arrives from the previous stage). With the interleaved
+pipeline the stage is the model chunk's virtual stage (its ``vp_stage``), and with context
+parallelism each rank keeps its share of the sequence (Megatron's load-balanced split); the
+token counts then add up over the context-parallel ranks as over data-parallel ones.
+
+As in Megatron-LM, the loss is normalised by the global number of tokens: each microbatch
+returns the sum of its token losses under the loss mask and its token count, the schedule adds
+them up, and
 ``finalize_model_grads`` divides the gradients by the token count of the whole global batch
 (all microbatches and data-parallel ranks; ``calculate_per_token_loss`` in the model config).
 The reported loss is the same ratio: the mean loss per token of the global batch.
@@ -18,6 +23,7 @@ import torch
 import torch.distributed as dist
 from megatron.core import parallel_state
 from megatron.core.pipeline_parallel import get_forward_backward_func
+from megatron.core.utils import get_attr_wrapped_model, get_batch_on_this_cp_rank
 
 from wsm_megatron.runtime import cpu_compat
 
@@ -41,13 +47,15 @@ def forward_step(
     data_iterator: Iterator[Batch] | None, model: torch.nn.Module
 ) -> tuple[torch.Tensor, Callable[[torch.Tensor], tuple]]:
     """Megatron ``forward_step_func`` for GPT pretraining on the data package's microbatches."""
-    first = parallel_state.is_pipeline_first_stage()
-    last = parallel_state.is_pipeline_last_stage()
+    vp_stage = get_attr_wrapped_model(model, "vp_stage")
+    first = parallel_state.is_pipeline_first_stage(ignore_virtual=False, vp_stage=vp_stage)
+    last = parallel_state.is_pipeline_last_stage(ignore_virtual=False, vp_stage=vp_stage)
     batch: Batch = {}
     if first or last:
         batch = next(data_iterator)
         if not cpu_compat.is_active():
             batch = {k: v.cuda(non_blocking=True) for k, v in batch.items()}
+        batch = get_batch_on_this_cp_rank(dict(batch))
     output = model(
         batch["tokens"] if first else None,
         batch["position_ids"] if first else None,
@@ -67,10 +75,13 @@ def run_microbatches(
     forward_only: bool,
 ) -> torch.Tensor | None:
     """Forward (and backward) one global batch; ``[loss sum, tokens]`` over this rank's
-    microbatches on the last stage (on the device: no host sync), else None."""
+    microbatches on the last stage (on the device: no host sync), else None.
+
+    With several model chunks (the interleaved pipeline) each gets ``data_iterator``: on a rank
+    only the chunk of the first or of the last stage reads it, never both."""
     reports = get_forward_backward_func()(
         forward_step_func=forward_step,
-        data_iterator=data_iterator,
+        data_iterator=data_iterator if len(model) == 1 else [data_iterator] * len(model),
         model=model,
         num_microbatches=num_microbatches,
         seq_length=seq_length,

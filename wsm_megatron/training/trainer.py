@@ -103,21 +103,40 @@ def _set_random_seed(seed: int) -> None:
     tensor_parallel.model_parallel_cuda_manual_seed(seed)
 
 
+def _num_microbatches(config: WSMConfig, dp: int) -> int:
+    """Microbatches per rank and global batch; what the schedules accept, or one clear error."""
+    p, t = config.parallel, config.train
+    if t.global_batch_size % (t.micro_batch_size * dp):
+        raise ValueError(
+            f"train.global_batch_size: {t.global_batch_size} is not a multiple of "
+            f"micro_batch_size x data-parallel size ({t.micro_batch_size} x {dp})"
+        )
+    num_microbatches = t.global_batch_size // (t.micro_batch_size * dp)
+    pp = p.pipeline_model_parallel_size
+    if p.virtual_pipeline_model_parallel_size is not None and num_microbatches % pp:
+        # megatron-core's interleaved schedule runs microbatches in groups of the PP size.
+        raise ValueError(
+            f"parallel.virtual_pipeline_model_parallel_size: the interleaved schedule needs "
+            f"a multiple of pipeline_model_parallel_size ({pp}) microbatches per rank, got "
+            f"{num_microbatches} (train.global_batch_size {t.global_batch_size} / "
+            f"(micro_batch_size {t.micro_batch_size} x data-parallel size {dp}))"
+        )
+    return num_microbatches
+
+
 def _start(config: WSMConfig, *, need_train: bool) -> _Session:
     p, t = config.parallel, config.train
     runtime = init_distributed(
         ParallelConfig(
             tensor_model_parallel_size=p.tensor_model_parallel_size,
             pipeline_model_parallel_size=p.pipeline_model_parallel_size,
+            virtual_pipeline_model_parallel_size=p.virtual_pipeline_model_parallel_size,
+            context_parallel_size=p.context_parallel_size,
             expert_model_parallel_size=p.expert_model_parallel_size,
         )
     )
     dp = runtime.data_parallel_size
-    if t.global_batch_size % (t.micro_batch_size * dp):
-        raise ValueError(
-            f"train.global_batch_size: {t.global_batch_size} is not a multiple of "
-            f"micro_batch_size x data-parallel size ({t.micro_batch_size} x {dp})"
-        )
+    num_microbatches = _num_microbatches(config, dp)
     _set_random_seed(t.seed)
     config = resolve_corpus(config, progress=runtime.is_main)
     tokenizer = build_tokenizer(config.data)
@@ -135,7 +154,7 @@ def _start(config: WSMConfig, *, need_train: bool) -> _Session:
         built=built,
         vocab_size=tokenizer.vocab_size,
         data=data,
-        num_microbatches=t.global_batch_size // (t.micro_batch_size * dp),
+        num_microbatches=num_microbatches,
         dp_rank=parallel_state.get_data_parallel_rank(),
         dp_size=dp,
     )
@@ -143,19 +162,26 @@ def _start(config: WSMConfig, *, need_train: bool) -> _Session:
 
 def _describe(session: _Session, state: TrainState) -> str:
     c, rt, b = session.config, session.runtime, session.built
-    params = torch.tensor([count_parameters(b.module)], dtype=torch.float64, device=rt.device)
+    count = sum(count_parameters(chunk) for chunk in b.chunks)
+    params = torch.tensor([count], dtype=torch.float64, device=rt.device)
     torch.distributed.all_reduce(params, group=parallel_state.get_model_parallel_group())
     spec = "Transformer Engine" if b.transformer_engine else "local"
     precision = "bf16" if mixed_precision(c) else "fp32"
     optimizer = "distributed optimizer" if state.distributed_optimizer else "FP32Optimizer"
+    p = c.parallel
+    pipeline = f"PP {p.pipeline_model_parallel_size}"
+    if p.virtual_pipeline_model_parallel_size is not None:
+        pipeline += f" (interleaved, {p.virtual_pipeline_model_parallel_size} chunks per rank)"
+    if p.context_parallel_size > 1:
+        pipeline += f" x CP {p.context_parallel_size}"
     return (
         f"WSM pre-training: {c.model.num_layers} layers, hidden {c.model.hidden_size}, "
         f"{'MoE ' + str(c.model.num_experts) + ' experts, ' if c.model.is_moe else ''}"
         f"{params.item() / 1e6:.2f}M parameters (model-parallel total), vocab "
         f"{session.vocab_size} (padded {b.vocab_size}), seq {c.seq_length}\n"
         f"  {rt.world_size} ranks on {rt.device.type} ({rt.backend}): TP "
-        f"{c.parallel.tensor_model_parallel_size} x PP {c.parallel.pipeline_model_parallel_size}"
-        f" x DP {session.dp_size}; {spec} layers, {precision}, Megatron DDP + {optimizer}\n"
+        f"{p.tensor_model_parallel_size} x {pipeline} x DP {session.dp_size}; {spec} layers, "
+        f"{precision}, Megatron DDP + {optimizer}\n"
         f"  {c.train.train_iters} iterations x {c.train.global_batch_size} sequences "
         f"({session.num_microbatches} microbatch(es) of {c.train.micro_batch_size} per rank), "
         f"LR schedule {c.train.lr_schedule} (peak {c.train.lr:g}, warmup "
@@ -391,10 +417,10 @@ def eval_session(config: WSMConfig) -> tuple[_Session, list[torch.nn.Module]]:
     """Start the processes for evaluation only: the session (validation data, layout) and the
     model as evaluations hold it (no optimizer; fp16/bf16 through ``Float16Module``)."""
     session = _start(config, need_train=False)
-    module: torch.nn.Module = session.built.module
+    model: list[torch.nn.Module] = list(session.built.chunks)
     if mixed_precision(session.config):
-        module = Float16Module(session.built.config, module)
-    return session, [module]
+        model = [Float16Module(session.built.config, chunk) for chunk in model]
+    return session, model
 
 
 def evaluate_checkpoints(config: WSMConfig, paths: list[str]) -> dict[str, dict[str, float]]:
