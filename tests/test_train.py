@@ -192,3 +192,66 @@ def test_losses_reduced_per_log_interval_are_the_per_step_values(corpus_dir, tmp
     (batched,) = run_distributed(train_summary, 1, [*common, "logging.log_interval=3"])
     assert list(batched["losses"]) == [1, 2, 3, 4, 5]
     assert batched["losses"] == every_step["losses"]  # bitwise equal floats
+
+
+def _runs_then_evaluate(runs: list[list[str]], evaluate: list[str], checkpoints: list[str]):
+    """Train each of ``runs`` in turn in these processes, then evaluate ``checkpoints`` at the
+    layout of ``evaluate`` (weights only)."""
+    from wsm_megatron.training.config import load_config
+    from wsm_megatron.training.trainer import evaluate_checkpoints
+
+    trained = [train_summary(overrides) for overrides in runs]
+    evaluated = evaluate_checkpoints(load_config(TINY_CONFIG, evaluate), checkpoints)
+    return trained, evaluated
+
+
+def test_interleaved_pipeline_matches_the_plain_pipeline_and_its_checkpoints_load_at_both(
+    corpus_dir, tmp_path
+):
+    plain_dir, vpp_dir, merged = (str(tmp_path / n) for n in ("plain", "vpp", "merged"))
+    plain = [  # 4 ranks: TP 1 x PP 2 x DP 2, two microbatches per rank
+        *SMALL_RUN,
+        f"corpus.cache_dir={corpus_dir}",
+        "parallel.tensor_model_parallel_size=1",
+        "parallel.pipeline_model_parallel_size=2",
+        "checkpoint.save_interval=2",
+        "train.eval_interval=6",
+    ]
+    vpp = [*plain, "parallel.virtual_pipeline_model_parallel_size=2"]  # one layer per chunk
+
+    # 1. The plain pipeline: 6 iterations, checkpoints at 2, 4, 6.
+    a = run_distributed(
+        train_summary, 4, [*plain, f"checkpoint.save={plain_dir}", "train.train_iters=6"]
+    )[0]
+    # 2. Interleaved, from the plain run's iteration 2 (initial weights differ between the
+    # layouts: seeds are per pipeline rank and the layers are built in another order): 3 and 4
+    # as the plain run; then resumed from its own (interleaved) checkpoint at 4: 5 and 6, and
+    # the plain run's checkpoint evaluated at the interleaved layout.
+    branch = [f"checkpoint.save={vpp_dir}", "train.train_iters=4"]
+    results = run_distributed(
+        _runs_then_evaluate,
+        4,
+        [
+            [*vpp, *branch, f"checkpoint.load={plain_dir}", "checkpoint.load_iteration=2"],
+            [*vpp, f"checkpoint.save={vpp_dir}", "train.train_iters=6"],
+        ],
+        vpp,
+        [plain_dir],
+    )
+    (b, c), evaluated = results[0]
+    assert b["resumed_from"] == 2 and c["resumed_from"] == 4
+    assert any(k.startswith("model1.decoder.layers.0.") for k in c["weights"])  # two chunks
+    expected = {i: pytest.approx(a["losses"][i], rel=1e-5) for i in (3, 4, 5, 6)}
+    assert {**b["losses"], **c["losses"]} == expected
+    val = a["val_losses"][6]
+    assert c["val_losses"][6] == pytest.approx(val, rel=1e-5)
+    assert evaluated[plain_dir] == {"iteration": 6, "val_loss": pytest.approx(val, rel=1e-5)}
+
+    # 3. The interleaved checkpoints keep the global layer keys: they merge with wsm-merge, and
+    # load at the plain layout with the validation loss the interleaved run measured.
+    assert list_iterations(vpp_dir) == [4, 6]
+    assert merge_main(["--input", vpp_dir, "--output", merged, "--last", "2"]) == 0
+    _, evaluated = run_distributed(_runs_then_evaluate, 4, [], plain, [vpp_dir, merged])[0]
+    assert evaluated[vpp_dir]["val_loss"] == pytest.approx(c["val_losses"][6], rel=1e-5)
+    assert np.isfinite(evaluated[merged]["val_loss"])
+    assert evaluated[merged]["val_loss"] != evaluated[vpp_dir]["val_loss"]

@@ -287,3 +287,109 @@ def test_loss_is_normalised_by_the_global_token_count():
         torch.testing.assert_close(
             grad, r["hand"][name], rtol=1e-5, atol=1e-6, msg=lambda m, name=name: f"{name}: {m}"
         )
+
+
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        (
+            ["parallel.virtual_pipeline_model_parallel_size=2"],
+            "parallel.virtual_pipeline_model_parallel_size: the interleaved schedule needs "
+            "pipeline_model_parallel_size > 1",
+        ),
+        (
+            [
+                "parallel.pipeline_model_parallel_size=2",
+                "parallel.virtual_pipeline_model_parallel_size=1",
+            ],
+            "parallel.virtual_pipeline_model_parallel_size: must be >= 2 model chunks per "
+            "pipeline rank, got 1 (null: no interleaving)",
+        ),
+        (
+            [
+                "parallel.pipeline_model_parallel_size=2",
+                "parallel.virtual_pipeline_model_parallel_size=3",
+            ],
+            "parallel.virtual_pipeline_model_parallel_size: model.num_layers (4) is not "
+            "divisible by pipeline x virtual pipeline size (2 x 3)",
+        ),
+        (
+            ["parallel.context_parallel_size=2", "model.transformer_impl=local"],
+            "parallel.context_parallel_size: context parallelism needs Transformer Engine "
+            "attention (model.transformer_impl transformer_engine or auto, on a GPU); "
+            "Megatron's local attention does not split sequences",
+        ),
+        (
+            ["parallel.context_parallel_size=3"],
+            "parallel.context_parallel_size: data.seq_length (128) is not divisible by "
+            "2 x context_parallel_size (6; Megatron's load-balanced split)",
+        ),
+        (
+            ["parallel.tp_comm_overlap=true"],
+            "parallel.tp_comm_overlap: needs parallel.sequence_parallel=true",
+        ),
+        (
+            ["parallel.tp_comm_overlap=true", "parallel.tensor_model_parallel_size=1"],
+            "parallel.tp_comm_overlap: needs tensor_model_parallel_size > 1",
+        ),
+    ],
+)
+def test_parallel_settings_are_checked_in_one_line(overrides, message):
+    with pytest.raises(ConfigError) as err:
+        load_config(TINY, overrides)
+    assert str(err.value) == message
+
+
+def test_interleaved_schedule_needs_microbatches_in_groups_of_the_pipeline_size():
+    from wsm_megatron.training.trainer import microbatches_per_rank
+
+    config = load_config(
+        TINY,
+        [
+            "parallel.pipeline_model_parallel_size=2",
+            "parallel.virtual_pipeline_model_parallel_size=2",
+            "train.micro_batch_size=2",
+            "train.global_batch_size=12",
+        ],
+    )
+    assert microbatches_per_rank(config, 1) == 6
+    with pytest.raises(ValueError) as err:
+        microbatches_per_rank(config, 2)
+    assert str(err.value) == (
+        "parallel.virtual_pipeline_model_parallel_size: the interleaved schedule needs a "
+        "multiple of pipeline_model_parallel_size (2) microbatches per rank, got 3 "
+        "(train.global_batch_size 12 / (micro_batch_size 2 x data-parallel size 2))"
+    )
+
+
+def _gpu_refusals(override_sets: list[list[str]]) -> list[str]:
+    from wsm_megatron.runtime import ParallelConfig, init_distributed
+    from wsm_megatron.training.model import build_model
+
+    init_distributed(ParallelConfig())  # on CPU: the compatibility layer, as a run has it
+    refusals = []
+    for overrides in override_sets:
+        try:
+            build_model(load_config(TINY, overrides), 500)
+        except ValueError as err:
+            refusals.append(str(err))
+    return refusals
+
+
+def test_context_parallelism_and_tp_comm_overlap_are_refused_on_cpu():
+    from wsm_megatron.testing.distributed import run_distributed
+
+    (refusals,) = run_distributed(
+        _gpu_refusals,
+        1,
+        [
+            ["parallel.context_parallel_size=2"],  # transformer_impl auto: local layers on CPU
+            ["parallel.sequence_parallel=true", "parallel.tp_comm_overlap=true"],
+        ],
+    )
+    assert refusals == [
+        "parallel.context_parallel_size: context parallelism needs Transformer Engine attention "
+        "(model.transformer_impl transformer_engine or auto, on a GPU); Megatron's local "
+        "attention does not split sequences",
+        "parallel.tp_comm_overlap: needs a GPU (Transformer Engine userbuffers)",
+    ]

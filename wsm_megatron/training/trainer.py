@@ -103,7 +103,7 @@ def _set_random_seed(seed: int) -> None:
     tensor_parallel.model_parallel_cuda_manual_seed(seed)
 
 
-def _num_microbatches(config: WSMConfig, dp: int) -> int:
+def microbatches_per_rank(config: WSMConfig, dp: int) -> int:
     """Microbatches per rank and global batch; what the schedules accept, or one clear error."""
     p, t = config.parallel, config.train
     if t.global_batch_size % (t.micro_batch_size * dp):
@@ -136,7 +136,7 @@ def _start(config: WSMConfig, *, need_train: bool) -> _Session:
         )
     )
     dp = runtime.data_parallel_size
-    num_microbatches = _num_microbatches(config, dp)
+    num_microbatches = microbatches_per_rank(config, dp)
     _set_random_seed(t.seed)
     config = resolve_corpus(config, progress=runtime.is_main)
     tokenizer = build_tokenizer(config.data)
