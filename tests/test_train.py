@@ -233,7 +233,7 @@ def test_interleaved_pipeline_matches_the_plain_pipeline_and_its_checkpoints_loa
         4,
         [
             [*vpp, *branch, f"checkpoint.load={plain_dir}", "checkpoint.load_iteration=2"],
-            [*vpp, f"checkpoint.save={vpp_dir}", "train.train_iters=6"],
+            [*vpp, f"checkpoint.save={vpp_dir}", "train.train_iters=6", "merge.online=true"],
         ],
         vpp,
         [plain_dir],
@@ -248,10 +248,12 @@ def test_interleaved_pipeline_matches_the_plain_pipeline_and_its_checkpoints_loa
     assert evaluated[plain_dir] == {"iteration": 6, "val_loss": pytest.approx(val, rel=1e-5)}
 
     # 3. The interleaved checkpoints keep the global layer keys: they merge with wsm-merge, and
-    # load at the plain layout with the validation loss the interleaved run measured.
+    # load at the plain layout with the validation losses the interleaved run measured, for the
+    # model and for its online merge of the same window.
     assert list_iterations(vpp_dir) == [4, 6]
     assert merge_main(["--input", vpp_dir, "--output", merged, "--last", "2"]) == 0
     _, evaluated = run_distributed(_runs_then_evaluate, 4, [], plain, [vpp_dir, merged])[0]
     assert evaluated[vpp_dir]["val_loss"] == pytest.approx(c["val_losses"][6], rel=1e-5)
-    assert np.isfinite(evaluated[merged]["val_loss"])
+    assert c["windows"] == {6: (4, 6)}
+    assert evaluated[merged]["val_loss"] == pytest.approx(c["merged_losses"][6], rel=1e-5)
     assert evaluated[merged]["val_loss"] != evaluated[vpp_dir]["val_loss"]
