@@ -36,16 +36,16 @@ def _run(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedP
 
 def test_dry_run_checks_configs_and_prints_every_step(tmp_path):
     out = tmp_path / "out"
-    result = _run("--dry-run", "--out", str(out), "--gpus", "1", "--wheels", str(tmp_path))
+    result = _run("--dry-run", "--out", str(out), "--gpus", "2", "--wheels", str(tmp_path))
     assert result.returncode == 0, result.stderr
     steps = [line.split("]")[0][3:] for line in result.stdout.splitlines() if line[:3] == "+ ["]
     assert steps == [
-        "install", "environment", "gpu-tests", "train", "resume", "recompute", "summary",
+        "install", "environment", "gpu-tests", "train", "resume", "recompute", "vpp", "summary",
         "kernels",
     ]  # fmt: skip
     train = next(line for line in result.stdout.splitlines() if line.startswith("+ [train]"))
-    assert "--nproc-per-node 1" in train and "configs/gpt-125m.yaml" in train
-    assert "train.global_batch_size=64" in train and "checkpoint.async_save=true" in train
+    assert "--nproc-per-node 2" in train and "configs/gpt-125m.yaml" in train
+    assert "train.global_batch_size=128" in train and "checkpoint.async_save=true" in train
     resume = next(line for line in result.stdout.splitlines() if line.startswith("+ [resume]"))
     assert "train.train_iters=60" in resume and "train.train_iters=40" in train
     assert "-m gpu" in result.stdout and "bench_kernels.py --device cuda" in result.stdout
