@@ -6,6 +6,7 @@
 # CONFIG   config file (default configs/tiny-cpu.yaml)
 # NPROC    processes on this node (default: the number of GPUs, or 2 without GPUs)
 # TP, PP   tensor/pipeline parallel sizes (default: the config's)
+# VPP, CP  virtual pipeline stages per rank, context-parallel size (default: the config's)
 # DRY_RUN  set to 1 to check the config and print the command without running it
 # Further arguments are config overrides (section.key=value) or wsm-train flags.
 set -euo pipefail
@@ -21,6 +22,8 @@ export CUDA_DEVICE_MAX_CONNECTIONS=1  # Megatron: order TP/SP communication befo
 overrides=()
 [[ -n ${TP:-} ]] && overrides+=("parallel.tensor_model_parallel_size=$TP")
 [[ -n ${PP:-} ]] && overrides+=("parallel.pipeline_model_parallel_size=$PP")
+[[ -n ${VPP:-} ]] && overrides+=("parallel.virtual_pipeline_model_parallel_size=$VPP")
+[[ -n ${CP:-} ]] && overrides+=("parallel.context_parallel_size=$CP")
 
 # The resolved configuration is checked here first (no torch import: about a second), so a
 # typo is one line before any process starts.

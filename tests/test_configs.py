@@ -142,7 +142,9 @@ def test_launch_scripts_print_the_resolved_command(script):
         "DRY_RUN": "1",
         "CONFIG": "configs/dense-1b.yaml",
         "TP": "2",
-        "PP": "4",
+        "PP": "2",
+        "VPP": "2",
+        "CP": "2",
         "NPROC": "8",
         "NODES": "16",
         "GPUS_PER_NODE": "8",
@@ -158,7 +160,8 @@ def test_launch_scripts_print_the_resolved_command(script):
     assert out.startswith("+ ")
     expected = (
         "-m wsm_megatron.cli.train --config configs/dense-1b.yaml "
-        "parallel.tensor_model_parallel_size=2 parallel.pipeline_model_parallel_size=4 "
+        "parallel.tensor_model_parallel_size=2 parallel.pipeline_model_parallel_size=2 "
+        "parallel.virtual_pipeline_model_parallel_size=2 parallel.context_parallel_size=2 "
         "train.lr=1e-4"
     )
     assert expected in out
