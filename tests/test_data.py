@@ -377,3 +377,102 @@ def test_build_datasets_on_four_gloo_ranks(corpus, tmp_path):
 
     results = run_distributed(_build_on_ranks, 4, corpus, str(tmp_path / "cache"))
     assert all(r == results[0] for r in results)
+
+
+class _Counted(torch.utils.data.Dataset):
+    """A dataset that counts its reads, also those of forked DataLoader workers."""
+
+    def __init__(self, dataset) -> None:
+        import multiprocessing
+
+        self.dataset, self.reads = dataset, multiprocessing.Value("i", 0)
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, index):
+        with self.reads.get_lock():
+            self.reads.value += 1
+        return self.dataset[index]
+
+
+def _broadcast_batches(corpus, cache_dir: str, tp: int, pp: int, num_workers: int) -> dict:
+    """This rank's batches from the TP-rank-0 loader and from the old per-rank reading."""
+    from megatron.core import parallel_state as ps
+
+    from wsm_megatron.data import (
+        LoaderConfig,
+        TrainBatches,
+        build_train_batches,
+        build_valid_batches,
+        reads_data,
+    )
+    from wsm_megatron.runtime import ParallelConfig, init_distributed
+
+    runtime = init_distributed(ParallelConfig(tp, pp))
+    cfg = DataConfig(
+        train_data=["3", corpus.train_prefix, "1", corpus.valid_prefix],
+        valid_data=[corpus.valid_prefix],
+        seq_length=32,
+        cache_dir=cache_dir,
+        anneal_data=[corpus.valid_prefix],
+        anneal_start_iteration=2,
+    )
+    sizes = {"global_batch_size": 8, "train_samples": 5 * 8, "valid_samples": 2 * 8}
+    tokenizer = build_tokenizer(corpus.tokenizer_model)
+    own = build_datasets(cfg, tokenizer, **sizes, is_built_on_rank=reads_data)
+    everyone = build_datasets(cfg, tokenizer, **sizes)  # before: every rank builds and reads
+    counted = [None if ds is None else _Counted(ds) for ds in everyone]
+    loader = LoaderConfig.for_this_rank(
+        micro_batch_size=2, seq_length=32, device=runtime.device, num_workers=num_workers
+    )
+    grid = {
+        "global_batch_size": 8,
+        "dp_rank": ps.get_data_parallel_rank(),
+        "dp_size": ps.get_data_parallel_world_size(),
+    }
+    stream = {"consumed_samples": 8, "anneal_start_sample": 2 * 8}  # resumed, over T_switch
+    new = list(build_train_batches(counted[0], counted[2], loader, **stream, **grid))
+    new_valid = list(build_valid_batches(counted[1], loader, num_batches=2, **grid))
+    old = list(TrainBatches(everyone.train, everyone.anneal, micro_batch_size=2, **stream, **grid))
+    old_valid = list(
+        build_valid_iterator(everyone.valid, micro_batch_size=2, num_batches=2, **grid)
+    )
+    return {
+        "tp_rank": ps.get_tensor_model_parallel_rank(),
+        "keys": loader.keys,
+        "built": [ds is not None for ds in own],
+        "reads": [0 if ds is None else ds.reads.value for ds in counted],
+        "new": [new, new_valid],
+        "old": [[{k: b[k] for k in loader.keys} for b in bs] for bs in (old, old_valid)],
+    }
+
+
+@pytest.mark.parametrize(("tp", "pp", "num_workers"), [(2, 2, 0), (2, 1, 1)])
+def test_tp_rank_0_reads_and_broadcasts_the_same_batches(corpus, tmp_path, tp, pp, num_workers):
+    """4 gloo ranks (TP=2 x PP=2, or TP=2 x DP=2 with a loader worker): every rank gets bitwise
+    the batches it read itself before, and only TP rank 0 builds or reads the datasets."""
+    from wsm_megatron.testing.distributed import run_distributed
+
+    results = run_distributed(
+        _broadcast_batches, 4, corpus, str(tmp_path / "cache"), tp, pp, num_workers
+    )
+    for r in results:
+        reader = r["tp_rank"] == 0
+        assert r["built"] == [reader, reader, reader]
+        assert r["keys"] == BATCH_KEYS if pp == 1 else len(r["keys"]) == 2
+        for new, old in zip(r["new"], r["old"], strict=True):
+            assert len(new) == len(old) > 0
+            for a, b in zip(new, old, strict=True):
+                assert list(a) == list(b) == list(r["keys"])
+                assert all(a[k].dtype == b[k].dtype and torch.equal(a[k], b[k]) for k in a)
+        n_train, n_valid = (len(batches) * 2 for batches in r["old"])  # micro_batch_size 2
+        # train + anneal reads, then validation reads: only on TP rank 0, each sample once
+        train_reads, valid_reads, anneal_reads = r["reads"]
+        expected = (n_train, n_valid) if reader else (0, 0)
+        assert (train_reads + anneal_reads, valid_reads) == expected
+    if pp == 2:  # the first stage gets tokens and positions, the last labels and loss mask
+        assert {r["keys"] for r in results} == {
+            ("tokens", "position_ids"),
+            ("labels", "loss_mask"),
+        }

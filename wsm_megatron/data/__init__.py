@@ -1,4 +1,5 @@
-"""Data for WSM runs: tokenizer, preprocessing, the default corpus, datasets and batch iterators.
+"""Data for WSM runs: tokenizer, preprocessing, the default corpus, datasets, batch iterators
+and the loader that reads on tensor-parallel rank 0 and broadcasts.
 
 Everything underneath is megatron-core's own machinery (``MegatronTokenizer``,
 ``IndexedDatasetBuilder``, ``BlendedMegatronDatasetBuilder``/``GPTDataset``), so Megatron data
@@ -27,6 +28,12 @@ _EXPORTS = {
         "build_train_iterator",
         "build_valid_iterator",
     ),
+    "loader": (
+        "LoaderConfig",
+        "build_train_batches",
+        "build_valid_batches",
+        "reads_data",
+    ),
     # (``preprocess``, the function, is imported from its module of the same name)
     "preprocess": ("iter_documents", "token_dtype", "write_indexed_dataset"),
     "tokenizer": ("Tokenizer", "build_tokenizer", "train_tokenizer"),
@@ -48,17 +55,21 @@ __all__ = [
     "CorpusFiles",
     "DataConfig",
     "DataSplits",
+    "LoaderConfig",
     "Tokenizer",
     "TokenizerArgs",
     "TrainBatches",
     "build_datasets",
     "build_tokenizer",
+    "build_train_batches",
     "build_train_iterator",
+    "build_valid_batches",
     "build_valid_iterator",
     "default_corpus",
     "iter_documents",
     "parse_blend",
     "parse_split",
+    "reads_data",
     "split_train_valid",
     "stdlib_files",
     "token_dtype",

@@ -177,6 +177,8 @@ class DataConfig:
     ``train_data`` and every later one on ``anneal_data``. The tokenizer is Megatron-LM's
     ``tokenizer_type`` with ``tokenizer_model`` (SentencePiece ``.model``; Hugging Face
     ``tokenizer.json`` or its directory) or ``vocab_file`` + ``merge_file`` (GPT-2 BPE).
+    ``num_workers`` (Megatron-LM's ``--num-workers``) DataLoader processes read training batches
+    ahead; unset: 2 on GPU, 0 on CPU (there the workers would take cores from the training ranks).
     """
 
     train_data: list[str | float] | str
@@ -193,6 +195,7 @@ class DataConfig:
     merge_file: str | None = None
     mmap_bin_files: bool = True
     cache_dir: str | None = None
+    num_workers: int | None = None
 
     def __post_init__(self) -> None:
         parse_blend("train_data", self.train_data)
@@ -209,6 +212,12 @@ class DataConfig:
         if not isinstance(self.seed, int) or not 0 <= self.seed < 2**32:
             raise ValueError(
                 f"DataConfig.seed: must be an integer in [0, 2**32), got {self.seed!r}"
+            )
+        if self.num_workers is not None and (
+            not isinstance(self.num_workers, int) or self.num_workers < 0
+        ):
+            raise ValueError(
+                f"DataConfig.num_workers: must be an integer >= 0, got {self.num_workers!r}"
             )
         starts = {
             "anneal_start_iteration": self.anneal_start_iteration,

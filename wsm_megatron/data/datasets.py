@@ -213,6 +213,7 @@ class TrainBatches(Iterator[dict[str, torch.Tensor]]):
         self.anneal_start_sample = anneal_start_sample
         self._batch_start = consumed_samples
         self._micro = 0
+        self._end = self._stream_end(consumed_samples)
 
     @property
     def consumed_samples(self) -> int:
@@ -230,29 +231,47 @@ class TrainBatches(Iterator[dict[str, torch.Tensor]]):
             return self.train_ds, sample
         return self.anneal_ds, sample - self.anneal_start_sample
 
-    def _available(self, sample: int) -> bool:
-        dataset, index = self.locate(sample)
-        return dataset is not None and index < len(dataset)
+    def _stream_end(self, start: int) -> int:
+        """The first global sample from ``start`` on that no dataset holds."""
+        n_train = 0 if self.train_ds is None else len(self.train_ds)
+        switch = self.anneal_start_sample
+        if switch is None:
+            return n_train
+        n_anneal = 0 if self.anneal_ds is None else len(self.anneal_ds)
+        return min(n_train, switch) if start < switch and n_train < switch else switch + n_anneal
 
-    def __next__(self) -> dict[str, torch.Tensor]:
+    @property
+    def remaining_microbatches(self) -> int:
+        """How many more microbatches this iterator yields before StopIteration."""
+        if self._batch_start + self.global_batch_size > self._end:
+            return 0
+        batches = (self._end - self._batch_start) // self.global_batch_size
+        return batches * self.num_microbatches - self._micro
+
+    def next_indices(self) -> list[int]:
+        """The global samples of this rank's next microbatch (advances like ``next``)."""
         start = self._batch_start
-        if self._micro == 0 and not all(
-            self._available(s) for s in range(start, start + self.global_batch_size)
-        ):
+        if start + self.global_batch_size > self._end:
             raise StopIteration
         first = (
             start
             + self._micro * self.micro_batch_size * self.dp_size
             + self.dp_rank * self.micro_batch_size
         )
-        samples = []
-        for s in range(first, first + self.micro_batch_size):
-            dataset, index = self.locate(s)
-            samples.append(dataset[index])
         self._micro += 1
         if self._micro == self.num_microbatches:
             self._micro = 0
             self._batch_start += self.global_batch_size
+        return list(range(first, first + self.micro_batch_size))
+
+    def read(self, sample: int) -> dict[str, torch.Tensor]:
+        """Global sample ``sample``."""
+        dataset, index = self.locate(sample)
+        assert dataset is not None, f"global sample {sample} is in no dataset"
+        return dataset[index]
+
+    def __next__(self) -> dict[str, torch.Tensor]:
+        samples = [self.read(s) for s in self.next_indices()]
         return {key: torch.stack([sample[key] for sample in samples]) for key in BATCH_KEYS}
 
 

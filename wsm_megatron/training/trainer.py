@@ -22,13 +22,14 @@ import torch
 from megatron.core import parallel_state, tensor_parallel
 from megatron.core.transformer.module import Float16Module
 
-from wsm_megatron.data import (
-    build_datasets,
-    build_tokenizer,
-    build_train_iterator,
-    build_valid_iterator,
-)
+from wsm_megatron.data import build_datasets, build_tokenizer
 from wsm_megatron.data.datasets import DataSplits
+from wsm_megatron.data.loader import (
+    LoaderConfig,
+    build_train_batches,
+    build_valid_batches,
+    reads_data,
+)
 from wsm_megatron.runtime import ParallelConfig, Runtime, init_distributed
 from wsm_megatron.training.checkpointing import (
     Checkpointer,
@@ -78,14 +79,23 @@ class _Session:
     dp_rank: int
     dp_size: int
 
+    def loader(self) -> LoaderConfig:
+        """This rank's microbatch loader (read on TP rank 0, broadcast over TP)."""
+        return LoaderConfig.for_this_rank(
+            micro_batch_size=self.config.train.micro_batch_size,
+            seq_length=self.config.seq_length,
+            device=self.runtime.device,
+            num_workers=self.config.data.num_workers,
+        )
+
     def valid_batches(self) -> ValidBatches:
         t = self.config.train
 
         def fresh() -> Iterator[Batch]:
-            return build_valid_iterator(
+            return build_valid_batches(
                 self.data.valid,
+                self.loader(),
                 global_batch_size=t.global_batch_size,
-                micro_batch_size=t.micro_batch_size,
                 dp_rank=self.dp_rank,
                 dp_size=self.dp_size,
                 num_batches=t.eval_iters,
@@ -147,6 +157,7 @@ def _start(config: WSMConfig, *, need_train: bool) -> _Session:
         global_batch_size=t.global_batch_size,
         train_samples=(t.train_iters if need_train else 1) * t.global_batch_size,
         valid_samples=t.eval_iters * t.global_batch_size,
+        is_built_on_rank=reads_data,
     )
     return _Session(
         config=config,
@@ -211,11 +222,11 @@ def pretrain(config: WSMConfig) -> TrainResult:
     progress = result.progress = _resume(config, checkpointer, online, logger, result)
     if progress.iteration:
         result.resumed_from = progress.iteration
-    train_batches = build_train_iterator(
+    train_batches = build_train_batches(
         session.data.train,
         session.data.anneal,
+        session.loader(),
         global_batch_size=t.global_batch_size,
-        micro_batch_size=t.micro_batch_size,
         dp_rank=session.dp_rank,
         dp_size=session.dp_size,
         consumed_samples=progress.consumed_train_samples,
