@@ -50,6 +50,7 @@ def _run(tree: Path, args: argparse.Namespace, workdir: Path) -> tuple[float, li
     metrics = workdir / "metrics.jsonl"
     overrides = [
         f"train.train_iters={args.iters}",
+        f"train.lr_warmup_iters={args.iters // 4}",
         "train.eval_interval=null",
         "checkpoint.save=null",
         "checkpoint.save_interval=null",
