@@ -286,6 +286,7 @@ def test_valid_iterator_repeats_the_same_batches(corpus, tokenizer, tmp_path):
         ({"anneal_data": ["a"]}, r"anneal_data: set anneal_start_iteration or"),
         ({"anneal_start_tokens": 5}, r"anneal_start_tokens: set anneal_data too"),
         ({"seq_length": 0}, r"DataConfig.seq_length"),
+        ({"num_workers": -1}, r"DataConfig.num_workers: must be an integer >= 0, got -1"),
     ],
 )
 def test_config_errors(kwargs, message):
