@@ -22,6 +22,7 @@ import torch
 
 from wsm_megatron.cli.merge import main as merge_main
 from wsm_megatron.layout import iteration_dir, list_iterations, read_tracker
+from wsm_megatron.merge.selection import load_common_state
 from wsm_megatron.testing.checkpoints import load_dcp_tensors
 from wsm_megatron.testing.distributed import run_distributed
 from wsm_megatron.testing.runs import SMALL_RUN, TINY_CONFIG, train_summary
@@ -78,7 +79,7 @@ def test_tp2_pp2_online_merge_equals_wsm_merge_and_survives_a_mid_window_restart
     assert [i["iteration"] for i in info["inputs"]] == [4, 6, 8]
     for key in ("inputs", "schedule", "emulated_decay", "accumulate_dtype"):
         assert info[key] == offline_info[key], key
-    common_state = torch.load(online_dir / "common.pt", weights_only=False)
+    common_state = load_common_state(online_dir)  # common.pt, or embedded (megatron-core >= 0.17)
     assert common_state["wsm_merge"]["inputs"] == info["inputs"]
     assert "optimizer" not in common_state and common_state["args"].no_save_optim
 

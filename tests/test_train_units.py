@@ -393,3 +393,26 @@ def test_context_parallelism_and_tp_comm_overlap_are_refused_on_cpu():
         "attention does not split sequences",
         "parallel.tp_comm_overlap: needs a GPU (Transformer Engine userbuffers)",
     ]
+
+
+def _cp_share() -> dict[str, list[int]]:
+    from wsm_megatron.runtime import ParallelConfig, init_distributed
+    from wsm_megatron.training.steps import this_cp_rank_share
+
+    init_distributed(ParallelConfig(context_parallel_size=2))
+    tokens = torch.arange(16).view(2, 8)  # 2 sequences of 8 positions
+    batch = {"tokens": tokens, "position_ids": torch.arange(8).expand(2, 8), "loss_mask": None}
+    share = this_cp_rank_share(batch)
+    assert share["loss_mask"] is None
+    return {key: share[key].tolist() for key in ("tokens", "position_ids")}
+
+
+def test_context_parallel_ranks_get_megatrons_load_balanced_share():
+    """CP=2 over gloo: of 4 sequence chunks, rank 0 keeps chunks 0 and 3, rank 1 chunks 1 and
+    2 (whatever megatron-core's version calls the split)."""
+    from wsm_megatron.testing.distributed import run_distributed
+
+    first, second = run_distributed(_cp_share, 2)
+    assert first["tokens"] == [[0, 1, 6, 7], [8, 9, 14, 15]]
+    assert second["tokens"] == [[2, 3, 4, 5], [10, 11, 12, 13]]
+    assert first["position_ids"] == [[0, 1, 6, 7]] * 2

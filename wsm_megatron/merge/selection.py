@@ -70,6 +70,11 @@ def load_common_state(ckpt_dir: Path, metadata: Metadata | None = None) -> dict[
                     "state (incomplete checkpoint)"
                 )
             info = metadata.storage_data[MetadataIndex(EMBEDDED_COMMON_KEY)]
+            if not (ckpt_dir / info.relative_path).is_file():
+                raise MergeError(
+                    f"checkpoint {ckpt_dir}: shard file {info.relative_path} is missing (it "
+                    f"holds {source})"
+                )
             with open(ckpt_dir / info.relative_path, "rb") as f:
                 f.seek(info.offset)
                 blob = f.read(info.length)

@@ -16,6 +16,7 @@ The reported loss is the same ratio: the mean loss per token of the global batch
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Callable, Iterator
 from functools import partial
 
@@ -43,6 +44,16 @@ def masked_token_loss(
     return loss, tokens, {"lm loss": report}
 
 
+def this_cp_rank_share(batch: Batch) -> Batch:
+    """This context-parallel rank's share of the sequence (Megatron's load-balanced split:
+    chunks ``r`` and ``2 CP - 1 - r`` of ``2 CP``); the batch itself without CP."""
+    if parallel_state.get_context_parallel_world_size() == 1:
+        return batch
+    if "is_hybrid_cp" in inspect.signature(get_batch_on_this_cp_rank).parameters:
+        return get_batch_on_this_cp_rank(dict(batch), is_hybrid_cp=False)  # megatron-core >= 0.17
+    return get_batch_on_this_cp_rank(dict(batch))
+
+
 def forward_step(
     data_iterator: Iterator[Batch] | None, model: torch.nn.Module
 ) -> tuple[torch.Tensor, Callable[[torch.Tensor], tuple]]:
@@ -55,7 +66,7 @@ def forward_step(
         batch = next(data_iterator)
         if not cpu_compat.is_active():
             batch = {k: v.cuda(non_blocking=True) for k, v in batch.items()}
-        batch = get_batch_on_this_cp_rank(dict(batch))
+        batch = this_cp_rank_share(batch)
     output = model(
         batch["tokens"] if first else None,
         batch["position_ids"] if first else None,
