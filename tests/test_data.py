@@ -3,7 +3,6 @@ T_switch, resumable Megatron-order iterators, config errors and the tools/ CLIs.
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
 import subprocess
@@ -27,6 +26,7 @@ from wsm_megatron.data import (
     train_tokenizer,
 )
 from wsm_megatron.data.preprocess import preprocess
+from wsm_megatron.testing.tools import load_tool
 
 REPO = Path(__file__).resolve().parents[1]
 MAX_FILES = 60  # a small, evenly spread subset of the stdlib keeps the module fast
@@ -314,23 +314,16 @@ def _run_tool(name: str, *args: str) -> subprocess.CompletedProcess[str]:
     )
 
 
-def _load_tool(name: str):
-    spec = importlib.util.spec_from_file_location(name, REPO / "tools" / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
 def test_tools_cli(tokenizer, tmp_path, capsys):
     doc = tmp_path / "doc.jsonl"
     doc.write_text(json.dumps({"text": "print('hello')\n" * 20}) + "\n", encoding="utf-8")
     # Successful runs in process (a subprocess would spend seconds importing megatron-core).
     args = ["--input", str(doc), "--output-prefix", str(tmp_path / "tok"), "--vocab-size", "300"]
-    assert _load_tool("train_tokenizer").main(args) == 0
+    assert load_tool("train_tokenizer").main(args) == 0
     assert capsys.readouterr().out.strip() == str(tmp_path / "tok.model")
     args = ["--input", str(doc), "--tokenizer-model", tokenizer.path]
     args += ["--output-prefix", str(tmp_path / "d"), "--no-progress"]
-    assert _load_tool("preprocess_data").main(args) == 0
+    assert load_tool("preprocess_data").main(args) == 0
     dataset = _indexed(str(tmp_path / "d"))  # keep it: its items are views of its mmap
     assert dataset[0].tolist()[-1] == tokenizer.eod
     # As scripts, a missing input: exit code 2 and one line, no traceback.
@@ -346,19 +339,24 @@ def test_tools_cli(tokenizer, tmp_path, capsys):
         ]
 
 
-def _build_on_ranks(corpus, cache_dir: str) -> list[int]:
-    from wsm_megatron.runtime import ParallelConfig, init_distributed
-
-    init_distributed(ParallelConfig(2, 2))
-    tokenizer = build_tokenizer(corpus.tokenizer_model)
-    cfg = DataConfig(
+def _blend_with_annealing(corpus, cache_dir: str, anneal_start_iteration: int) -> DataConfig:
+    """A 3:1 blend of the corpus' train and valid sets, switching to annealing data."""
+    return DataConfig(
         train_data=["3", corpus.train_prefix, "1", corpus.valid_prefix],
         valid_data=[corpus.valid_prefix],
         seq_length=32,
         cache_dir=cache_dir,
         anneal_data=[corpus.valid_prefix],
-        anneal_start_iteration=1,
+        anneal_start_iteration=anneal_start_iteration,
     )
+
+
+def _build_on_ranks(corpus, cache_dir: str) -> list[int]:
+    from wsm_megatron.runtime import ParallelConfig, init_distributed
+
+    init_distributed(ParallelConfig(2, 2))
+    tokenizer = build_tokenizer(corpus.tokenizer_model)
+    cfg = _blend_with_annealing(corpus, cache_dir, anneal_start_iteration=1)
     splits = build_datasets(cfg, tokenizer, global_batch_size=4, train_samples=16, valid_samples=4)
     batches = build_train_iterator(
         splits.train,
@@ -411,14 +409,7 @@ def _broadcast_batches(corpus, cache_dir: str, tp: int, pp: int, num_workers: in
     from wsm_megatron.runtime import ParallelConfig, init_distributed
 
     runtime = init_distributed(ParallelConfig(tp, pp))
-    cfg = DataConfig(
-        train_data=["3", corpus.train_prefix, "1", corpus.valid_prefix],
-        valid_data=[corpus.valid_prefix],
-        seq_length=32,
-        cache_dir=cache_dir,
-        anneal_data=[corpus.valid_prefix],
-        anneal_start_iteration=2,
-    )
+    cfg = _blend_with_annealing(corpus, cache_dir, anneal_start_iteration=2)
     sizes = {"global_batch_size": 8, "train_samples": 5 * 8, "valid_samples": 2 * 8}
     tokenizer = build_tokenizer(corpus.tokenizer_model)
     own = build_datasets(cfg, tokenizer, **sizes, is_built_on_rank=reads_data)

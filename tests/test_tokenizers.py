@@ -4,7 +4,6 @@ config and CLI errors, and a short wsm-train run on data preprocessed with a tok
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import math
 from pathlib import Path
@@ -13,8 +12,8 @@ import pytest
 
 from wsm_megatron.data import DataConfig, build_tokenizer, tokenizer_args
 from wsm_megatron.data.preprocess import preprocess
+from wsm_megatron.testing.tools import load_tool
 
-REPO = Path(__file__).resolve().parents[1]
 VOCAB = 300
 WORDS = "the quick brown fox jumps over a lazy dog while seven wizards quietly hex jolly bards"
 TEXTS = [
@@ -107,13 +106,6 @@ def _indexed(prefix: str):
     return IndexedDataset(prefix)
 
 
-def _load_tool(name: str):
-    spec = importlib.util.spec_from_file_location(name, REPO / "tools" / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
 def test_preprocess_with_each_type(files, tmp_path, capsys):
     docs = tmp_path / "docs.jsonl"
     docs.write_text("".join(json.dumps({"text": t}) + "\n" for t in [*TEXTS, UNSEEN]))
@@ -127,7 +119,7 @@ def test_preprocess_with_each_type(files, tmp_path, capsys):
     for suffix in (".bin", ".idx"):  # forked workers: the same files
         assert Path(parallel + suffix).read_bytes() == (tmp_path / f"json{suffix}").read_bytes()
     # tools/preprocess_data.py with Megatron-LM's flags writes the same files.
-    tool = _load_tool("preprocess_data")
+    tool = load_tool("preprocess_data")
     flags = {
         "gpt2": ["--tokenizer-type", "GPT2BPETokenizer", "--vocab-file", str(files["vocab"])]
         + ["--merge-file", str(files["merges"])],
@@ -200,7 +192,7 @@ def test_missing_files_are_named(files, tmp_path, capsys):
         build_tokenizer(empty)
 
     # The CLI: exit code 2 and one line naming the flag.
-    tool = _load_tool("preprocess_data")
+    tool = load_tool("preprocess_data")
     docs = tmp_path / "d.txt"
     docs.write_text("x")
     missing_json = absent + ".json"
