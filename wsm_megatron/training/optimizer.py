@@ -87,8 +87,12 @@ def setup_model_and_optimizer(built: BuiltModel, config: WSMConfig) -> TrainStat
     tconfig.finalize_model_grads_func = finalize_model_grads
     tconfig.grad_scale_func = optimizer.scale_loss
     if ddp_config.overlap_grad_reduce:
+        # As Megatron-LM (align_grad_reduce, its default): the schedules start each chunk's
+        # gradient reduction themselves, aligned across pipeline stages.
         no_sync = [chunk.no_sync for chunk in model]
+        grad_sync = [chunk.start_grad_sync for chunk in model]
         tconfig.no_sync_func = no_sync[0] if len(no_sync) == 1 else no_sync
+        tconfig.grad_sync_func = grad_sync[0] if len(grad_sync) == 1 else grad_sync
     return TrainState(model, optimizer, distributed, overlap_param_gather)
 
 
