@@ -156,6 +156,12 @@ def _wsm_tune(argv: list[str]) -> int:
     return main(argv)
 
 
+def _tune_argv(ckpts, overrides: list[str]) -> list[str]:
+    """wsm-tune's flags for one duration (2 checkpoints) of ``ckpts``, up to ``--tasks``."""
+    return ["--config", str(TINY_CONFIG), *overrides, "--checkpoints", str(ckpts),
+            "--durations", "2", "--tasks"]  # fmt: skip
+
+
 def test_adapter_matches_a_direct_forward_and_scores_a_local_task_at_tp2(run, tmp_path):
     overrides, ckpts, tasks = run
     ranks = run_distributed(_adapter_checks, 2, overrides, str(ckpts), str(tasks))
@@ -173,16 +179,7 @@ def test_adapter_matches_a_direct_forward_and_scores_a_local_task_at_tp2(run, tm
     assert results["wsm_local_mc"]["acc,none"] == out["expected_acc"]
 
     # wsm-tune --tasks val,lm-eval:TASK: the newest checkpoint's row is wsm-eval's accuracy.
-    argv = [
-        "--config",
-        str(TINY_CONFIG),
-        *overrides,
-        "--checkpoints",
-        str(ckpts),
-        "--durations",
-        "2",
-    ]
-    argv += ["--tasks", "lm-eval:wsm_local_mc,val", "--include-path", str(tasks)]
+    argv = [*_tune_argv(ckpts, overrides), "lm-eval:wsm_local_mc,val", "--include-path", str(tasks)]
     assert run_distributed(_wsm_tune, 2, [*argv, "--output", str(tmp_path / "tune")]) == [0, 0]
     tuned = json.loads((tmp_path / "tune" / "tune.json").read_text())
     rows = {row["name"]: row for row in tuned["candidates"]}
@@ -214,15 +211,7 @@ def test_unknown_task_is_one_line(run, capsys):
     err = capsys.readouterr().err
     assert err.startswith("wsm-eval: error: unknown lm-eval task 'no_such_task'")
     assert err.count("\n") == 1
-    argv = [
-        "--config",
-        str(TINY_CONFIG),
-        "--checkpoints",
-        str(ckpts),
-        "--durations",
-        "2",
-        "--tasks",
-    ]
+    argv = _tune_argv(ckpts, [])
     assert tune_main([*argv, "lm-eval:no_such_task", "--include-path", str(tasks)]) == 1
     err = capsys.readouterr().err
     assert err.startswith("wsm-tune: error: unknown lm-eval task 'no_such_task'")
