@@ -4,8 +4,10 @@ memory on huge metadata, and the output root's lock."""
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
+import threading
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
@@ -100,6 +102,29 @@ def test_storage_files_keep_a_bounded_number_open(tmp_path):
     assert files.open_count <= 3
     files.close()
     assert files.open_count == 0
+
+
+def test_storage_files_trim_back_to_the_limit_once_busy_readers_finish(tmp_path, monkeypatch):
+    """Four reads in flight at once need four descriptors over a limit of 3; when they finish,
+    the cache is back at its limit (the over-limit one is closed on release, not left open)."""
+    paths = [tmp_path / f"__{k}_0.distcp" for k in range(4)]
+    for k, path in enumerate(paths):
+        path.write_bytes(bytes([k]) * 16)
+    files = StorageFiles(max_open=3)
+    all_reading = threading.Barrier(4, timeout=30)
+    preadv = os.preadv
+
+    def preadv_when_all_are_reading(fd, buffers, offset):
+        all_reading.wait()
+        return preadv(fd, buffers, offset)
+
+    monkeypatch.setattr(os, "preadv", preadv_when_all_are_reading)
+    with ThreadPoolExecutor(4) as pool:
+        assert list(pool.map(lambda k: files.read(paths[k], 0, 2), range(4))) == [
+            bytes([k]) * 2 for k in range(4)
+        ]
+    assert files.open_count == 3
+    files.close()
 
 
 def test_start_up_raises_the_soft_open_file_limit():

@@ -117,7 +117,7 @@ class StorageFiles:
         with self._lock:
             fd = self._fds.get(path)
             if fd is None:
-                self._evict()
+                self._close_idle(keep=self.max_open - 1)
                 try:
                     fd = os.open(path, os.O_RDONLY)
                 except OSError as err:
@@ -132,11 +132,13 @@ class StorageFiles:
             self._users[path] -= 1
             if not self._users[path]:
                 del self._users[path]
+                # Opened over the limit while every descriptor was busy: trim back now it is idle.
+                self._close_idle(keep=self.max_open)
 
-    def _evict(self) -> None:
-        """Close idle descriptors, oldest first, until one more fits (with the lock held)."""
+    def _close_idle(self, keep: int) -> None:
+        """Close idle descriptors, oldest first, until at most ``keep`` stay open (lock held)."""
         for path in list(self._fds):
-            if len(self._fds) < self.max_open:
+            if len(self._fds) <= keep:
                 return
             if path not in self._users:
                 os.close(self._fds.pop(path))
