@@ -27,7 +27,7 @@ from wsm_megatron.testing.checkpoints import (
     shared_megatron_checkpoints,
     te_extra_state,
 )
-from wsm_megatron.testing.distributed import run_distributed
+from wsm_megatron.testing.distributed import rendezvous_port, run_distributed
 from wsm_megatron.testing.models import assert_shards_match, load_into_tiny_gpt
 from wsm_megatron.theory import merge_weights
 
@@ -233,13 +233,10 @@ def test_cli_under_torchrun_environment(ckpts, merged, tmp_path):
 
 def test_cli_under_srun_environment(ckpts, merged, tmp_path):
     """Two processes launched as ``srun`` would: SLURM variables only, no torchrun ones."""
-    import socket
     import subprocess
     import sys
 
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = rendezvous_port()
     base = {
         k: v
         for k, v in os.environ.items()

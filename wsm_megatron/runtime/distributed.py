@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import datetime
 import os
+import random
 import re
 import socket
 from collections.abc import Mapping
@@ -117,10 +118,22 @@ def _int_var(env: Mapping[str, str], name: str) -> int:
         raise ValueError(f"environment variable {name}={env[name]!r} is not an integer") from None
 
 
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+# Linux hands out ports for bind(0) and outgoing connections from 32768-60999 by default, so a port
+# chosen below that range cannot be taken by another process's automatic choice (gloo's pair
+# sockets, say) between this check and the rendezvous store's bind.
+RENDEZVOUS_PORTS = range(20000, 32768)
+
+
+def free_port(ports: range = RENDEZVOUS_PORTS) -> int:
+    """A TCP port of 127.0.0.1 that nothing holds now, chosen at random from ``ports``."""
+    for port in random.SystemRandom().sample(ports, min(len(ports), 256)):
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            return port
+    raise RuntimeError(f"no free TCP port in {ports.start}-{ports.stop - 1} on 127.0.0.1")
 
 
 def detect_launch_env(env: Mapping[str, str] | None = None) -> LaunchEnv:
@@ -163,7 +176,7 @@ def detect_launch_env(env: Mapping[str, str] | None = None) -> LaunchEnv:
         launched = LaunchEnv(rank, world, local_rank, addr, port, "slurm")
     else:
         addr = env.get("MASTER_ADDR", "127.0.0.1")
-        port = _int_var(env, "MASTER_PORT") if "MASTER_PORT" in env else _free_port()
+        port = _int_var(env, "MASTER_PORT") if "MASTER_PORT" in env else free_port()
         launched = LaunchEnv(0, 1, 0, addr, port, "single")
 
     if launched.world_size < 1:

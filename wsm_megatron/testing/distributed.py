@@ -15,7 +15,6 @@ import multiprocessing as mp
 import os
 import pickle
 import queue
-import socket
 import traceback
 from collections.abc import Callable, Mapping
 from typing import Any
@@ -32,10 +31,16 @@ def _get_context() -> Any:
     return _context
 
 
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+def rendezvous_port() -> int:
+    """A free port for a test's ranks, from a range of its own per pytest-xdist worker, so two
+    workers starting process groups at the same moment cannot pick the same one."""
+    from wsm_megatron.runtime.distributed import RENDEZVOUS_PORTS, free_port
+
+    worker = int(os.environ.get("PYTEST_XDIST_WORKER", "gw0").removeprefix("gw"))
+    workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+    share = len(RENDEZVOUS_PORTS) // workers
+    start = RENDEZVOUS_PORTS.start + worker * share
+    return free_port(range(start, start + share))
 
 
 def _worker(
@@ -95,7 +100,7 @@ def run_distributed(
     """Run ``fn(*args)`` on ``world_size`` gloo ranks; return each rank's result, rank order."""
     ctx = _get_context()
     results = ctx.Queue()
-    port = str(_free_port())
+    port = str(rendezvous_port())
     procs = []
     for rank in range(world_size):
         rank_env = {
