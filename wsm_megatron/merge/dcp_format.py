@@ -117,7 +117,8 @@ class StorageFiles:
         with self._lock:
             fd = self._fds.get(path)
             if fd is None:
-                self._close_idle(keep=self.max_open - 1)
+                if len(self._fds) >= self.max_open:
+                    self._close_idle(keep=self.max_open - 1)
                 try:
                     fd = os.open(path, os.O_RDONLY)
                 except OSError as err:
@@ -132,8 +133,8 @@ class StorageFiles:
             self._users[path] -= 1
             if not self._users[path]:
                 del self._users[path]
-                # Opened over the limit while every descriptor was busy: trim back now it is idle.
-                self._close_idle(keep=self.max_open)
+                if len(self._fds) > self.max_open:  # opened over the limit while all were busy
+                    self._close_idle(keep=self.max_open)
 
     def _close_idle(self, keep: int) -> None:
         """Close idle descriptors, oldest first, until at most ``keep`` stay open (lock held)."""
