@@ -127,6 +127,35 @@ def test_storage_files_trim_back_to_the_limit_once_busy_readers_finish(tmp_path,
     files.close()
 
 
+_EXHAUSTED = """
+import os, resource, sys
+from pathlib import Path
+from wsm_megatron.merge.dcp_format import MergeError, StorageFiles
+paths = sorted(Path(sys.argv[1]).iterdir())
+held = len(os.listdir("/proc/self/fd"))
+resource.setrlimit(resource.RLIMIT_NOFILE, (held + 4, held + 4))
+files = StorageFiles()
+try:
+    for path in paths:
+        files.read(path, 0, 1)
+except MergeError as err:
+    print(err)
+"""
+
+
+def test_running_out_of_descriptors_names_the_limit_and_the_remedy(tmp_path):
+    for k in range(16):
+        (tmp_path / f"__{k}_0.distcp").write_bytes(b"x")
+    proc = subprocess.run(
+        [sys.executable, "-c", _EXHAUSTED, str(tmp_path)], capture_output=True, text=True
+    )
+    assert proc.returncode == 0, proc.stderr
+    message = proc.stdout.strip()
+    assert message.startswith(f"cannot open {tmp_path}/__"), message
+    assert "Too many open files (open-file limit: soft " in message
+    assert message.endswith("raise it with ulimit -n)")
+
+
 def test_start_up_raises_the_soft_open_file_limit():
     code = (
         "import resource\n"

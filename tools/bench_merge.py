@@ -17,15 +17,22 @@ another TP would leave them: each tensor in 4 chunks, split by columns (the newe
 layout), by rows, or as a 2 x 2 grid, cycling from the newest back; the merge then reads every
 older input as sub-boxes of its chunks (strided, through mapped windows).
 
+With ``--files-per-input F`` every input is cut into row chunks spread over F shard files (a
+1,000-GPU run writes about 2,000 per checkpoint); ``--open-files-limit`` lowers the merge's
+descriptor limit (soft and hard), which inputs x files would exceed if every file stayed open.
+
     python tools/bench_merge.py --workdir /tmp/wsm-bench --gib 1 --checkpoints 4 --drop-caches
+    python tools/bench_merge.py --gib 1 --files-per-input 2000 --open-files-limit 256 --ranks 1
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import platform
+import resource
 import shutil
 import subprocess
 import sys
@@ -43,13 +50,14 @@ ROWS = 8192
 SPLITS = ((1, 4), (4, 1), (2, 2))  # (row parts, column parts): columns, rows, a grid
 
 
-def save_chunked(directory: Path, state: dict[str, torch.Tensor], split: tuple[int, int]) -> None:
-    """Save 2-D tensors in DCP's format, each cut into ``split`` chunks spread over 4 shard
-    files, with the merge's own writer (as several ranks of another layout would save them)."""
+def save_chunked(
+    directory: Path, state: dict[str, torch.Tensor], split: tuple[int, int], n_files: int = 4
+) -> None:
+    """Save 2-D tensors in DCP's format, each cut into ``split`` chunks spread over ``n_files``
+    shard files, with the merge's own writer (as the ranks of another layout would save them)."""
     from wsm_megatron.merge.dcp_format import TensorProperties, TensorStorageMetadata
     from wsm_megatron.merge.writer import WriteRecord, build_metadata, write_metadata
 
-    files = [open(directory / f"__{r}_0.distcp", "wb") for r in range(4)]
     reference, records = {}, []
     for name, t in state.items():
         reference[name] = TensorStorageMetadata(TensorProperties(dtype=t.dtype), t.shape, [])
@@ -57,18 +65,28 @@ def save_chunked(directory: Path, state: dict[str, torch.Tensor], split: tuple[i
         for i in range(split[0]):
             for j in range(split[1]):
                 chunk = t[i * rows : (i + 1) * rows, j * cols : (j + 1) * cols].clone()
-                f = files[len(records) % 4]
-                start = f.tell()
-                torch.save(chunk, f)  # as DCP stores a chunk: a torch.save blob
+                file = f"__{len(records) % n_files}_0.distcp"
+                with open(directory / file, "ab") as f:  # one open at a time, for any n_files
+                    start = f.tell()
+                    torch.save(chunk, f)  # as DCP stores a chunk: a torch.save blob
+                    length = f.tell() - start
                 rec = (name, (i * rows, j * cols), tuple(chunk.shape), t.dtype)
-                records.append(WriteRecord(*rec, Path(f.name).name, start, f.tell() - start))
-    for f in files:
-        f.close()
+                records.append(WriteRecord(*rec, file, start, length))
     write_metadata(directory, build_metadata(records, reference, None))
 
 
+def input_split(k: int, checkpoints: int, cross_layout: bool, files: int, tensors: int):
+    """How checkpoint ``k`` cuts each tensor: None for DCP's own save (one chunk per tensor)."""
+    if cross_layout:
+        return SPLITS[(checkpoints - 1 - k) % len(SPLITS)]
+    if files:
+        rows = 1 << max(0, math.ceil(math.log2(files / tensors)))  # powers of 2 divide ROWS
+        return (rows, 1)
+    return None
+
+
 def build_inputs(
-    root: Path, checkpoints: int, gib: float, interval: int, cross_layout: bool = False
+    root: Path, checkpoints: int, gib: float, interval: int, cross_layout: bool, files: int
 ) -> int:
     """Write the inputs; returns the bytes of one checkpoint's tensors."""
     import torch.distributed.checkpoint as dcp
@@ -90,8 +108,9 @@ def build_inputs(
         state = {name: t + 1e-3 * (k + 1) for name, t in base.items()}
         d = iteration_dir(root, it)
         d.mkdir(parents=True)
-        if cross_layout:
-            save_chunked(d, state, SPLITS[(checkpoints - 1 - k) % len(SPLITS)])
+        split = input_split(k, checkpoints, cross_layout, files, len(state))
+        if split:
+            save_chunked(d, state, split, files or 4)
         else:
             writer = dcp.FileSystemWriter(str(d), thread_count=4)
             dcp.save(state, storage_writer=writer, no_dist=True)
@@ -133,7 +152,9 @@ def io_floor(root: Path, out_bytes: int, scratch: Path) -> dict[str, float]:
     return {"bytes_read": read, "read_s": t_read, "write_s": t_write, "seconds": t_read + t_write}
 
 
-def run_merge(root: Path, out: Path, ranks: int, budget: float, report: Path) -> dict:
+def run_merge(
+    root: Path, out: Path, ranks: int, budget: float, report: Path, open_files: int | None
+) -> dict:
     last = str(len(list(root.glob("iter_*"))))
     argv = [
         "--input",
@@ -164,7 +185,12 @@ def run_merge(root: Path, out: Path, ranks: int, budget: float, report: Path) ->
             *argv,
         ]
     start = time.perf_counter()
-    subprocess.run(cmd, check=True, stderr=subprocess.DEVNULL)
+
+    def limit_open_files() -> None:
+        if open_files:  # the hard limit too: the merge raises its soft limit to the hard one
+            resource.setrlimit(resource.RLIMIT_NOFILE, (open_files, open_files))
+
+    subprocess.run(cmd, check=True, stderr=subprocess.DEVNULL, preexec_fn=limit_open_files)
     wall = time.perf_counter() - start
     data = json.loads(report.read_text())
     data["wall_s"] = wall
@@ -179,8 +205,23 @@ def main() -> None:
     p.add_argument("--memory-budget-mb", type=float, default=512.0)
     p.add_argument("--ranks", default="1,2", help="merge ranks to measure, comma-separated")
     p.add_argument("--drop-caches", action="store_true", help="drop the page cache (root)")
-    p.add_argument(
+    layout = p.add_mutually_exclusive_group()
+    layout.add_argument(
         "--cross-layout", action="store_true", help="inputs saved with different chunkings"
+    )
+    layout.add_argument(
+        "--files-per-input",
+        type=int,
+        default=0,
+        metavar="F",
+        help="cut every tensor into row chunks spread over F shard files per input\n"
+        "(a 1,000-GPU run writes ~2,000); default: DCP's own save into 4",
+    )
+    p.add_argument(
+        "--open-files-limit",
+        type=int,
+        metavar="N",
+        help="RLIMIT_NOFILE (soft and hard) of the merge processes (default: unchanged)",
     )
     p.add_argument("--keep", action="store_true", help="keep the work directory")
     p.add_argument("--json", type=Path, help="write the results here")
@@ -200,10 +241,14 @@ def main() -> None:
         "memory_budget_mb": args.memory_budget_mb,
         "page_cache": "dropped before each measurement" if args.drop_caches else "warm",
         "cross_layout": args.cross_layout,
+        "files_per_input": args.files_per_input or 4,
+        "open_files_limit": args.open_files_limit or resource.getrlimit(resource.RLIMIT_NOFILE)[0],
     }
     try:
         print(f"building {args.checkpoints} checkpoints of ~{args.gib} GiB in {root}", flush=True)
-        size = build_inputs(root, args.checkpoints, args.gib, 1000, args.cross_layout)
+        size = build_inputs(
+            root, args.checkpoints, args.gib, 1000, args.cross_layout, args.files_per_input
+        )
         results["checkpoint_bytes"] = size
         drop_caches(args.drop_caches)
         results["io_floor"] = floor = io_floor(root, size, work / "floor.bin")
@@ -216,7 +261,8 @@ def main() -> None:
         for ranks in (int(r) for r in args.ranks.split(",")):
             drop_caches(args.drop_caches)
             out = work / f"out{ranks}"
-            data = run_merge(root, out, ranks, args.memory_budget_mb, work / f"report{ranks}.json")
+            report = work / f"report{ranks}.json"
+            data = run_merge(root, out, ranks, args.memory_budget_mb, report, args.open_files_limit)
             shutil.rmtree(out)
             row = {
                 "ranks": ranks,

@@ -13,11 +13,13 @@ from __future__ import annotations
 
 import collections
 import contextlib
+import errno
 import gc
 import io
 import mmap
 import os
 import pickle
+import resource
 import struct
 import threading
 import warnings
@@ -98,6 +100,16 @@ MAX_OPEN_FILES = 64
 """Descriptors a :class:`StorageFiles` keeps open: reads come in file order, so a few suffice."""
 
 
+def _open_error(err: OSError) -> str:
+    if err.errno != errno.EMFILE:
+        return str(err.strerror)
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    return (
+        f"{err.strerror} (open-file limit: soft {soft}, hard {hard}; the merge keeps up to "
+        f"{MAX_OPEN_FILES} shard files open besides its own descriptors: raise it with ulimit -n)"
+    )
+
+
 class StorageFiles:
     """Thread-safe ``pread`` access to ``.distcp`` files through a bounded cache of descriptors
     (least recently used closed first; one in use by a read is never closed)."""
@@ -122,7 +134,7 @@ class StorageFiles:
                 try:
                     fd = os.open(path, os.O_RDONLY)
                 except OSError as err:
-                    raise MergeError(f"cannot open {path}: {err.strerror}") from None
+                    raise MergeError(f"cannot open {path}: {_open_error(err)}") from None
                 self._fds[path] = fd
             self._fds.move_to_end(path)
             self._users[path] += 1
