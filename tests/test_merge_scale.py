@@ -222,3 +222,74 @@ def test_planning_huge_metadata_of_8_inputs_stays_within_the_budget(
     for rank, (peak, _, buffers) in enumerate(results):
         assert (peak + buffers) / 2**20 <= BUDGET_MB, (rank, peak / 2**20, buffers / 2**20)
     assert not (tmp_path / "out").exists()  # nothing left behind by the planning
+
+
+# --- Many small chunks: several pieces per kernel call ---------------------------------------
+
+
+FC1 = "decoder.layers.0.mlp.linear_fc1.weight"
+FC2 = "decoder.layers.0.mlp.linear_fc2.weight"
+
+
+def _small_chunk_inputs(root, poison: tuple[int, int] | None = None) -> dict[int, dict]:
+    """3 checkpoints of an fp32 and a bf16 tensor, each in 40 row blocks of its own file;
+    ``poison = (checkpoint, row)`` puts a NaN there."""
+    written = {}
+    for i, it in enumerate((10, 20, 30)):
+        g = torch.Generator().manual_seed(i)
+        tensors = {FC1: torch.randn(400, 16, generator=g)}
+        tensors[FC2] = torch.randn(200, 8, generator=g).bfloat16()
+        if poison is not None and poison[0] == i:
+            tensors[FC1][poison[1], 3] = float("nan")
+        write_many_files_checkpoint(root, it, tensors, files=40)
+        written[it] = tensors
+    return written
+
+
+def _counting_combine(monkeypatch) -> list[int]:
+    import wsm_megatron.merge.engine as engine
+
+    calls: list[int] = []
+
+    def combine(outputs, *args, **kwargs):
+        calls.append(len(outputs))
+        return engine_combine(outputs, *args, **kwargs)
+
+    engine_combine = engine.combine
+    monkeypatch.setattr(engine, "combine", combine)
+    return calls
+
+
+def test_small_chunks_merge_many_per_kernel_call_with_the_bits_of_one_call_each(
+    tmp_path, monkeypatch
+):
+    from wsm_megatron.cli.merge import main
+
+    written = _small_chunk_inputs(tmp_path / "in")
+    argv = ["--input", str(tmp_path / "in"), "--last", "3", "--no-progress"]
+    calls = _counting_combine(monkeypatch)
+    assert main([*argv, "--output", str(tmp_path / "grouped")]) == 0
+    assert sum(calls) == 80 and max(calls) > 1 and len(calls) < 80, calls
+    calls.clear()
+    monkeypatch.setattr("wsm_megatron.merge.plan.MAX_GROUP", 1)
+    assert main([*argv, "--output", str(tmp_path / "single")]) == 0
+    assert calls == [1] * 80
+    grouped = load_dcp_tensors(iteration_dir(tmp_path / "grouped", 30))
+    single = load_dcp_tensors(iteration_dir(tmp_path / "single", 30))
+    for key, bits, tol in ((FC1, torch.int32, 1e-6), (FC2, torch.int16, 1e-2)):
+        assert torch.equal(grouped[key].view(bits), single[key].view(bits)), key
+        reference = sum(written[it][key].double() for it in written) / 3
+        torch.testing.assert_close(grouped[key].double(), reference, rtol=tol, atol=tol)
+
+
+def test_a_nan_in_a_grouped_piece_names_its_checkpoint_and_chunk(tmp_path, capsys):
+    from wsm_megatron.cli.merge import main
+
+    _small_chunk_inputs(tmp_path / "in", poison=(1, 257))  # row 257: block 25 (rows 250-259)
+    argv = ["--input", str(tmp_path / "in"), "--last", "3", "--output", str(tmp_path / "out")]
+    assert main([*argv, "--no-progress"]) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("wsm-merge: error: checkpoint "), err
+    assert "iter_0000020" in err[0] and f"{FC1!r} (chunk at (250, 0))" in err[0], err
+    assert "NaN/Inf" in err[0]
+    assert not (tmp_path / "out").exists() or not list((tmp_path / "out").glob("iter_*"))

@@ -16,6 +16,7 @@ from wsm_megatron.merge.config import Selection, Weighting, load_sweep_file, par
 from wsm_megatron.merge.contents import AVERAGE, COPY, ContentPolicy, is_extra_state, key_group
 from wsm_megatron.merge.dcp_format import StorageFiles, locate_tensor, read_metadata, storage_info
 from wsm_megatron.merge.plan import (
+    MAX_GROUP,
     BytesItem,
     ChunkRef,
     Piece,
@@ -275,6 +276,26 @@ def test_buffers_fit_the_budget():
         largest_chunk=1000,
     )
     assert small.capacity == 1000  # never more than the largest chunk
+    assert small.group == MAX_GROUP and small.slots == 4 * MAX_GROUP  # room left: many per call
+    assert small.total_bytes <= 2**30 - 32 * 2**20
+    tight = size_buffers(
+        16 * 2**20,
+        slots=4,
+        acc_dtype=torch.float32,
+        in_itemsize=2,
+        out_itemsize=2,
+        largest_chunk=2**20,
+    )
+    assert (tight.group, tight.slots) == (1, 4) and tight.capacity < 2**20  # budget-bound
+    some = size_buffers(
+        64 * 2**20,
+        slots=4,
+        acc_dtype=torch.float32,
+        in_itemsize=2,
+        out_itemsize=2,
+        largest_chunk=2**18,
+    )
+    assert 1 < some.group < MAX_GROUP and some.total_bytes <= 48 * 2**20
 
 
 # --- the raw DCP reader -----------------------------------------------------------------------

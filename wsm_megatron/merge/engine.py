@@ -2,7 +2,8 @@
 
 Reads run ahead on ``io_threads`` threads into a fixed set of preallocated slots, in exactly
 the order the main thread consumes them; writes run behind on one thread. So reading,
-accumulating and writing overlap. For a piece the main thread waits for all its inputs, then
+accumulating and writing overlap. The main thread waits for all inputs of a piece (or of a
+group of small pieces that share inputs: one kernel call for many chunks), then
 computes each output with one fused :func:`~wsm_megatron.merge.combine.combine` over that job's
 inputs: ``acc = c_0 x_0``, then ``acc += c_j x_j`` oldest to newest in fp32 (or fp64), each
 product and sum rounded once, cast to the output dtype, in cache-sized blocks (each input read
@@ -29,7 +30,15 @@ from wsm_megatron.merge.boxes import MAP_WINDOW_BYTES, intersect, read_box
 from wsm_megatron.merge.combine import combine
 from wsm_megatron.merge.dcp_format import RawTensor, StorageFiles, locate_tensor
 from wsm_megatron.merge.errors import MergeError
-from wsm_megatron.merge.plan import AVERAGE, BytesItem, Piece, RankPlan, Segment, Unit
+from wsm_megatron.merge.plan import (
+    AVERAGE,
+    OUT_ALIGN,
+    BytesItem,
+    Piece,
+    RankPlan,
+    Segment,
+    Unit,
+)
 from wsm_megatron.merge.writer import ShardWriter, WriteRecord
 from wsm_megatron.runtime import termination
 
@@ -148,6 +157,23 @@ class _WriteBehind:
             raise self._error
 
 
+def _batches(units: list[Unit], group: int) -> Iterator[list[Unit]]:
+    """Consecutive units processed together: runs of up to ``group`` averaged pieces with the
+    same inputs (one kernel call; dtypes may differ); any other unit alone."""
+    batch: list[Unit] = []
+    key = None
+    for unit in units:
+        is_average = isinstance(unit, Piece) and unit.kind == AVERAGE
+        unit_key = tuple(i for i, _ in unit.chunk.sources) if is_average else None
+        if batch and (unit_key is None or unit_key != key or len(batch) == group):
+            yield batch
+            batch = []
+        batch.append(unit)
+        key = unit_key
+    if batch:
+        yield batch
+
+
 class RankMerger:
     """Executes one rank's share of a merge (see the module docstring)."""
 
@@ -156,13 +182,14 @@ class RankMerger:
         self.progress = progress
         buffers = plan.buffers
         has_average = any(isinstance(u, Piece) and u.kind == AVERAGE for u in plan.units)
-        # A piece holds a slot per input until all are read: fewer slots would deadlock.
+        # A group holds a slot per input of each piece until all are read: fewer would deadlock.
         assert all(
-            len(u.chunk.sources) <= buffers.slots for u in plan.units if isinstance(u, Piece)
-        ), "fewer read slots than inputs of a piece"
-        capacity = buffers.capacity if has_average else 0
+            len(u.chunk.sources) * buffers.group <= buffers.slots
+            for u in plan.units
+            if isinstance(u, Piece)
+        ), "fewer read slots than inputs of a group of pieces"
         self._outs = [
-            torch.empty(capacity * buffers.out_itemsize, dtype=torch.uint8)
+            torch.empty(buffers.out_bytes if has_average else 0, dtype=torch.uint8)
             for _ in range(buffers.out_buffers)
         ]
         self._out_mvs = [memoryview(b.numpy()) for b in self._outs]
@@ -287,13 +314,13 @@ class RankMerger:
         threads = torch.get_num_threads()
         torch.set_num_threads(plan.threads)
         try:
-            for unit in plan.units:
+            for batch in _batches(plan.units, plan.buffers.group):
                 termination.raise_if_requested()
-                if isinstance(unit, Piece):
-                    self._merge_piece(unit, stream)
-                    outcome.pieces += 1
+                if isinstance(batch[0], Piece):
+                    self._merge_pieces(batch, stream)
+                    outcome.pieces += len(batch)
                 else:
-                    self._copy_object(unit, stream)
+                    self._copy_object(batch[0], stream)
             self._write_behind.close()
             for writer in self._writers:
                 writer.close()
@@ -314,53 +341,85 @@ class RankMerger:
             self.progress(request.size)
         return request, slot
 
-    def _merge_piece(self, piece: Piece, stream: Iterator[tuple[_Read, int]]) -> None:
-        n = piece.numel
-        in_dtype, out_dtype = piece.chunk.dtype, piece.out_dtype
-        in_bytes, out_bytes = n * in_dtype.itemsize, n * out_dtype.itemsize
-        fqn, offsets = piece.chunk.fqn, piece.offsets
-        check = self.plan.check_finite and in_dtype.is_floating_point
-        inputs: dict[int, torch.Tensor] = {}
-        slots = []
-        for input_index, _ in piece.chunk.sources:
-            _, slot = self._next(stream, piece)
-            x = self._tensor(self._slot_mvs[slot][:in_bytes], in_dtype, piece)
-            if piece.kind != AVERAGE:  # copied: written from the read buffer, then released
-                if check:
-                    self._check_finite(x, input_index, piece)
-                jobs = self._copies_of[input_index]
-                for k, j in enumerate(jobs):
-                    release = partial(self._prefetch.release, slot) if k == len(jobs) - 1 else None
-                    self._write(self._writers[j], fqn, offsets, x, release)
-                continue
-            inputs[input_index] = x.view(-1)
-            slots.append(slot)
-        if piece.kind != AVERAGE:
+    def _merge_pieces(self, pieces: list[Piece], stream: Iterator[tuple[_Read, int]]) -> None:
+        """Merge averaged pieces that share their inputs with one kernel call per job (or copy
+        one copied piece)."""
+        if pieces[0].kind != AVERAGE:
+            self._copy_piece(pieces[0], stream)
             return
+        inputs: dict[int, list[torch.Tensor]] = {i: [] for i, _ in pieces[0].chunk.sources}
+        slots = []
+        for piece in pieces:
+            dtype = piece.chunk.dtype
+            for input_index, _ in piece.chunk.sources:
+                _, slot = self._next(stream, piece)
+                data = self._slots[slot][: piece.numel * dtype.itemsize]
+                inputs[input_index].append(data.view(dtype))
+                slots.append(slot)
         # NaN/Inf in an input makes its outputs non-finite whatever its weight (0 * inf = nan):
         # the kernel flags non-finite outputs block by block while they are in cache, and only
-        # then are the inputs checked one by one, to name the checkpoint at fault.
-        found = self._found if check else None
+        # then are the pieces searched, to name the checkpoint at fault.
+        found = self._found if self.plan.check_finite else None
         for j, job in enumerate(self.plan.jobs):
             b = self._free_outs.get()
-            out = self._tensor(self._out_mvs[b][:out_bytes], out_dtype, piece)
+            outs = self._out_tensors(b, pieces)
             combine(
-                [out.view(-1)],
-                [[inputs[i]] for i in job.inputs],  # oldest to newest
+                [out.view(-1) for out in outs],
+                [inputs[i] for i in job.inputs],  # oldest to newest
                 job.coefficients,
                 acc_dtype=self.plan.acc_dtype,
                 found_nonfinite=found,
             )
-            if check and bool(self._found):  # nothing non-finite is written
-                for i in job.inputs:
-                    self._check_finite(inputs[i], i, piece)
-                raise MergeError(
-                    f"tensor {fqn!r} (chunk at {piece.chunk.offsets}): the merged values "
-                    f"overflow {out_dtype} (choose another --output-dtype)"
-                )
-            self._write(self._writers[j], fqn, offsets, out, partial(self._free_outs.put, b))
+            if found is not None and bool(found):  # nothing non-finite is written
+                self._raise_nonfinite(pieces, outs, inputs, job.inputs)
+            for k, (piece, out) in enumerate(zip(pieces, outs, strict=True)):
+                release = partial(self._free_outs.put, b) if k == len(pieces) - 1 else None
+                self._write(self._writers[j], piece.chunk.fqn, piece.offsets, out, release)
         for slot in slots:
             self._prefetch.release(slot)
+
+    def _out_tensors(self, buffer: int, pieces: list[Piece]) -> list[torch.Tensor]:
+        """The pieces' outputs, one after another in an output buffer (each aligned)."""
+        outs, start = [], 0
+        for piece in pieces:
+            end = start + piece.numel * piece.out_dtype.itemsize
+            outs.append(self._tensor(self._out_mvs[buffer][start:end], piece.out_dtype, piece))
+            start = -(-end // OUT_ALIGN) * OUT_ALIGN
+        return outs
+
+    def _raise_nonfinite(
+        self,
+        pieces: list[Piece],
+        outs: list[torch.Tensor],
+        inputs: dict[int, list[torch.Tensor]],
+        job_inputs: tuple[int, ...],
+    ) -> None:
+        """Name the first piece whose merged values are not finite: the checkpoint with NaN/Inf,
+        else the output dtype's overflow."""
+        for p, (piece, out) in enumerate(zip(pieces, outs, strict=True)):
+            if bool(torch.isfinite(out).all()):
+                continue
+            for i in job_inputs:
+                self._check_finite(inputs[i][p], i, piece)
+            raise MergeError(
+                f"tensor {piece.chunk.fqn!r} (chunk at {piece.chunk.offsets}): the merged "
+                f"values overflow {piece.out_dtype} (choose another --output-dtype)"
+            )
+        raise AssertionError("the kernel flagged a non-finite value that no output holds")
+
+    def _copy_piece(self, piece: Piece, stream: Iterator[tuple[_Read, int]]) -> None:
+        """A copied piece is written from its read buffer to every job that copies it."""
+        dtype = piece.chunk.dtype
+        check = self.plan.check_finite and dtype.is_floating_point
+        for input_index, _ in piece.chunk.sources:
+            _, slot = self._next(stream, piece)
+            x = self._tensor(self._slot_mvs[slot][: piece.numel * dtype.itemsize], dtype, piece)
+            if check:
+                self._check_finite(x, input_index, piece)
+            jobs = self._copies_of[input_index]
+            for k, j in enumerate(jobs):
+                release = partial(self._prefetch.release, slot) if k == len(jobs) - 1 else None
+                self._write(self._writers[j], piece.chunk.fqn, piece.offsets, x, release)
 
     def _write(
         self,

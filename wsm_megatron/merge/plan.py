@@ -84,11 +84,18 @@ class BytesItem:
 Unit = Piece | BytesItem
 
 
+MAX_GROUP = 32
+"""Most pieces merged by one kernel call (small chunks: per-call costs would dominate)."""
+OUT_ALIGN = 64
+"""Byte alignment of each piece's output within a group's output buffer."""
+
+
 @dataclass(frozen=True)
 class Buffers:
-    """Per-rank buffer sizes: ``capacity`` elements per piece, ``slots`` read buffers (every
-    input of the piece being merged, and of the next one, read ahead), ``out_buffers`` output
-    buffers (one being written while the next is filled)."""
+    """Per-rank buffer sizes: ``capacity`` elements per piece; up to ``group`` pieces merged by
+    one kernel call; ``slots`` read buffers of a piece each (every input of the group being
+    merged, and of the next one, read ahead); ``out_buffers`` output buffers of a group each
+    (one being written while the next is filled)."""
 
     capacity: int
     slots: int
@@ -96,21 +103,22 @@ class Buffers:
     out_itemsize: int
     acc_itemsize: int
     out_buffers: int = 2
+    group: int = 1
 
     @property
     def slot_bytes(self) -> int:
         return self.capacity * self.in_itemsize
 
     @property
+    def out_bytes(self) -> int:
+        return self.group * (self.capacity * self.out_itemsize + OUT_ALIGN)
+
+    @property
     def total_bytes(self) -> int:
         """Bytes of all buffers, the kernel's scratch included."""
-        return self.capacity * _per_element(
-            self.slots, self.out_buffers, self.acc_itemsize, self.in_itemsize, self.out_itemsize
-        )
-
-
-def _per_element(slots: int, outs: int, acc: int, inp: int, out: int) -> int:
-    return 2 * acc + outs * out + slots * inp
+        per_piece = 2 * self.acc_itemsize + self.out_buffers * self.out_itemsize
+        outs_align = self.out_buffers * self.group * OUT_ALIGN
+        return self.capacity * (self.group * per_piece + self.slots * self.in_itemsize) + outs_align
 
 
 def size_buffers(
@@ -122,16 +130,21 @@ def size_buffers(
     out_itemsize: int,
     largest_chunk: int,
 ) -> Buffers:
-    """Largest piece (in elements) such that all buffers fit ``budget_bytes``.
+    """Largest piece (in elements) such that all buffers fit ``budget_bytes``, then as many
+    pieces per kernel call (at most :data:`MAX_GROUP`) as the budget still holds.
 
     Per element of a piece a rank holds ``slots`` prefetched input elements, two output
     elements (write-behind) and at most two ``acc_dtype`` elements of kernel scratch (the
-    accumulator and a temporary, both bounded by the piece).
+    accumulator and a temporary, both bounded by the piece); a group of ``g`` pieces needs ``g``
+    times all of that.
     """
     usable = budget_bytes - min(_RESERVE_BYTES, budget_bytes // 4)
-    per_element = _per_element(slots, 2, acc_dtype.itemsize, in_itemsize, out_itemsize)
-    capacity = max(1, min(usable // per_element, max(1, largest_chunk)))
-    return Buffers(capacity, slots, in_itemsize, out_itemsize, acc_dtype.itemsize)
+    per_element = 2 * acc_dtype.itemsize + 2 * out_itemsize + slots * in_itemsize
+    capacity = max(1, min((usable - 2 * OUT_ALIGN) // per_element, max(1, largest_chunk)))
+    group = max(1, min(MAX_GROUP, usable // (capacity * per_element + 2 * OUT_ALIGN)))
+    return Buffers(
+        capacity, slots * group, in_itemsize, out_itemsize, acc_dtype.itemsize, group=group
+    )
 
 
 def split_chunk(
