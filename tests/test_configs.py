@@ -153,6 +153,7 @@ def test_launch_scripts_print_the_resolved_command(script):
     out = subprocess.run(
         ["bash", str(REPO / "launch" / script), "train.lr=1e-4"],
         env=env,
+        cwd=REPO,  # CONFIG is relative to the repository, as in the README
         capture_output=True,
         text=True,
         check=True,

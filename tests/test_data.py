@@ -7,6 +7,7 @@ import json
 import os
 import subprocess
 import sys
+import threading
 from pathlib import Path
 
 import numpy as np
@@ -16,6 +17,7 @@ import torch
 from wsm_megatron.data import (
     BATCH_KEYS,
     DataConfig,
+    DataSplits,
     build_datasets,
     build_tokenizer,
     build_train_iterator,
@@ -25,6 +27,7 @@ from wsm_megatron.data import (
     stdlib_files,
     train_tokenizer,
 )
+from wsm_megatron.data.datasets import index_cache_lock
 from wsm_megatron.data.preprocess import preprocess
 from wsm_megatron.testing.tools import load_tool
 
@@ -468,3 +471,28 @@ def test_tp_rank_0_reads_and_broadcasts_the_same_batches(corpus, tmp_path, tp, p
             ("tokens", "position_ids"),
             ("labels", "loss_mask"),
         }
+
+
+def test_a_build_waits_while_another_job_writes_the_index_caches(corpus, tokenizer, tmp_path):
+    """Two jobs on one corpus: megatron-core writes index caches in place, so a build waits for
+    the lock that the other job's building rank holds, and writes nothing meanwhile."""
+    cfg = _cfg(corpus, tmp_path)
+    cache = Path(cfg.cache_dir)
+    built: list[object] = []
+
+    def build() -> None:
+        try:
+            built.append(build_datasets(cfg, tokenizer, global_batch_size=4, train_samples=8,
+                                        valid_samples=4))  # fmt: skip
+        except BaseException as err:  # reported by the assertion below
+            built.append(err)
+
+    with index_cache_lock([cache]):  # the other job, building
+        thread = threading.Thread(target=build)
+        thread.start()
+        thread.join(3)
+        assert thread.is_alive() and not built
+        assert not list(cache.glob("*.npy"))
+    thread.join(120)
+    assert len(built) == 1 and isinstance(built[0], DataSplits), built
+    assert len(list(cache.glob("*-shuffle_index.npy"))) == 2  # train and validation

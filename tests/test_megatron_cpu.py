@@ -96,3 +96,26 @@ def test_tp2_pp2_gpt_forward_backward_and_checkpoint(tmp_path):
     assert all(r["differs_before"] and r["equal_after"] for r in results)
     assert (tmp_path / "ckpt" / ".metadata").is_file()
     assert len(list((tmp_path / "ckpt").glob("*.distcp"))) >= 4
+
+
+def _killed_on_rank_1() -> int:
+    import signal
+
+    if os.environ["RANK"] == "1":
+        os.kill(os.getpid(), signal.SIGKILL)
+    return 0
+
+
+def test_a_rank_killed_without_reporting_fails_the_run_at_once():
+    """A rank that dies (the OOM killer, a crash in C) is reported within seconds, not after
+    the whole timeout."""
+    import time
+
+    import pytest
+
+    start = time.monotonic()
+    with pytest.raises(
+        RuntimeError, match=r"ranks died without reporting \(rank 1: exit code -9\)"
+    ):
+        run_distributed(_killed_on_rank_1, 2, timeout=300)
+    assert time.monotonic() - start < 60

@@ -273,7 +273,11 @@ def test_cli_under_srun_environment(ckpts, merged, tmp_path):
         )
         for r in range(2)
     ]
-    errs = [p.communicate(timeout=300)[1] for p in procs]
+    try:
+        errs = [p.communicate(timeout=300)[1] for p in procs]
+    finally:  # a rank left running would hold the CPU and the port for the tests after this
+        for p in procs:
+            p.kill()
     assert [p.returncode for p in procs] == [0, 0], errs
     assert "on 2 rank(s)" in errs[0]
     out = iteration_dir(tmp_path / "out", 500)

@@ -256,16 +256,14 @@ def test_assign_ranks_balances_bytes_in_file_order():
         )
 
 
+def _bf16_buffers(budget: int, slots: int, largest_chunk: int):
+    kinds = {"acc_dtype": torch.float32, "in_itemsize": 2, "out_itemsize": 2}
+    return size_buffers(budget, slots=slots, largest_chunk=largest_chunk, **kinds)
+
+
 def test_buffers_fit_the_budget():
     for budget in (2**20, 64 * 2**20, 2**30):
-        b = size_buffers(
-            budget,
-            slots=8,
-            acc_dtype=torch.float32,
-            in_itemsize=2,
-            out_itemsize=2,
-            largest_chunk=10**12,
-        )
+        b = _bf16_buffers(budget, 8, 10**12)
         assert b.total_bytes <= budget - min(32 * 2**20, budget // 4) and b.capacity > 0
     small = size_buffers(
         2**30,
@@ -278,23 +276,9 @@ def test_buffers_fit_the_budget():
     assert small.capacity == 1000  # never more than the largest chunk
     assert small.group == MAX_GROUP and small.slots == 4 * MAX_GROUP  # room left: many per call
     assert small.total_bytes <= 2**30 - 32 * 2**20
-    tight = size_buffers(
-        16 * 2**20,
-        slots=4,
-        acc_dtype=torch.float32,
-        in_itemsize=2,
-        out_itemsize=2,
-        largest_chunk=2**20,
-    )
+    tight = _bf16_buffers(16 * 2**20, 4, 2**20)
     assert (tight.group, tight.slots) == (1, 4) and tight.capacity < 2**20  # budget-bound
-    some = size_buffers(
-        64 * 2**20,
-        slots=4,
-        acc_dtype=torch.float32,
-        in_itemsize=2,
-        out_itemsize=2,
-        largest_chunk=2**18,
-    )
+    some = _bf16_buffers(64 * 2**20, 4, 2**18)
     assert 1 < some.group < MAX_GROUP and some.total_bytes <= 48 * 2**20
 
 

@@ -11,8 +11,11 @@ With T_switch at global sample S, sample ``s >= S`` is sample ``s - S`` of the a
 from __future__ import annotations
 
 import contextlib
+import fcntl
+import os
 from collections.abc import Callable, Iterator
 from itertools import islice
+from pathlib import Path
 from typing import Any, NamedTuple
 
 import torch
@@ -51,6 +54,36 @@ def _process_group_for_build() -> Iterator[None]:
         yield
     finally:
         dist.destroy_process_group()
+
+
+INDEX_LOCK_NAME = ".wsm-index.lock"
+
+
+@contextlib.contextmanager
+def index_cache_lock(directories: list[Path]) -> Iterator[None]:
+    """Hold an exclusive lock in each directory that receives index caches (sorted: no two
+    holders can wait on each other), so that two jobs on one corpus never write the same cache
+    files at once: megatron-core writes them in place, and a second job would read them half
+    written. Held by the rank that builds first (rank 0); a directory where no lock file can be
+    created (a read-only corpus, whose caches must then exist) is not locked."""
+    with contextlib.ExitStack() as stack:
+        for directory in sorted(set(directories)):
+            try:
+                directory.mkdir(parents=True, exist_ok=True)
+                fd = os.open(directory / INDEX_LOCK_NAME, os.O_RDWR | os.O_CREAT, 0o666)
+            except OSError:
+                continue
+            stack.callback(os.close, fd)
+            fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+
+
+def _index_cache_dirs(cfg: DataConfig, blends: list[Any]) -> list[Path]:
+    """Where megatron-core writes the index caches of ``blends``: ``cfg.cache_dir``, else a
+    ``cache`` folder beside each prefix (locked through the prefix's directory)."""
+    if cfg.cache_dir is not None:
+        return [Path(cfg.cache_dir)]
+    return [Path(prefix).parent for blend in blends if blend for prefix in blend[0]]
 
 
 _SPLIT_NAMES = ("train", "validation", "test")
@@ -150,7 +183,9 @@ def build_datasets(
         builder = BlendedMegatronDatasetBuilder(
             GPTDataset, sizes, is_built_on_rank or (lambda: True), config
         )
-        with _process_group_for_build():
+        builds_first = not dist.is_initialized() or dist.get_rank() == 0
+        locked = _index_cache_dirs(cfg, blends) if builds_first else []
+        with _process_group_for_build(), index_cache_lock(locked):
             return builder.build()
 
     split = cfg.split if cfg.valid_blend is None else None

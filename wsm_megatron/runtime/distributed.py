@@ -125,15 +125,15 @@ RENDEZVOUS_PORTS = range(20000, 32768)
 
 
 def free_port(ports: range = RENDEZVOUS_PORTS) -> int:
-    """A TCP port of 127.0.0.1 that nothing holds now, chosen at random from ``ports``."""
+    """A TCP port that nothing holds now on any address, chosen at random from ``ports``."""
     for port in random.SystemRandom().sample(ports, min(len(ports), 256)):
         with socket.socket() as s:
             try:
-                s.bind(("127.0.0.1", port))
+                s.bind(("", port))  # every address, as the rendezvous store binds
             except OSError:
                 continue
             return port
-    raise RuntimeError(f"no free TCP port in {ports.start}-{ports.stop - 1} on 127.0.0.1")
+    raise RuntimeError(f"no free TCP port in {ports.start}-{ports.stop - 1}")
 
 
 def detect_launch_env(env: Mapping[str, str] | None = None) -> LaunchEnv:

@@ -15,6 +15,7 @@ import multiprocessing as mp
 import os
 import pickle
 import queue
+import time
 import traceback
 from collections.abc import Callable, Mapping
 from typing import Any
@@ -36,8 +37,9 @@ def rendezvous_port() -> int:
     workers starting process groups at the same moment cannot pick the same one."""
     from wsm_megatron.runtime.distributed import RENDEZVOUS_PORTS, free_port
 
-    worker = int(os.environ.get("PYTEST_XDIST_WORKER", "gw0").removeprefix("gw"))
     workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+    # (a worker that replaces a crashed one gets the next number: gw2 of 2)
+    worker = int(os.environ.get("PYTEST_XDIST_WORKER", "gw0").removeprefix("gw")) % workers
     share = len(RENDEZVOUS_PORTS) // workers
     start = RENDEZVOUS_PORTS.start + worker * share
     return free_port(range(start, start + share))
@@ -90,6 +92,25 @@ def _kill_stragglers(procs: list[Any]) -> None:
                 pass
 
 
+def _raise_if_lost(
+    fn: Callable[..., Any],
+    procs: list[Any],
+    values: dict[int, Any],
+    results: Any,
+    deadline: float,
+    timeout: float,
+) -> None:
+    """Fail at once when a rank died without reporting (a signal, the OOM killer), and when
+    ranks are still running at the deadline."""
+    dead = [r for r, p in enumerate(procs) if r not in values and p.exitcode not in (None, 0)]
+    if dead and results.empty():
+        codes = ", ".join(f"rank {r}: exit code {procs[r].exitcode}" for r in dead)
+        raise RuntimeError(f"{fn.__name__}: ranks died without reporting ({codes})")
+    if time.monotonic() > deadline:
+        missing = sorted(set(range(len(procs))) - set(values))
+        raise TimeoutError(f"{fn.__name__}: ranks {missing} did not finish within {timeout:.0f} s")
+
+
 def run_distributed(
     fn: Callable[..., Any],
     world_size: int,
@@ -118,15 +139,14 @@ def run_distributed(
         procs.append(proc)
 
     values: dict[int, Any] = {}
+    deadline = time.monotonic() + timeout
     try:
         while len(values) < world_size:
             try:
-                rank, ok, value = results.get(timeout=timeout)
+                rank, ok, value = results.get(timeout=1.0)
             except queue.Empty:
-                missing = sorted(set(range(world_size)) - set(values))
-                raise TimeoutError(
-                    f"{fn.__name__}: ranks {missing} did not finish within {timeout:.0f} s"
-                ) from None
+                _raise_if_lost(fn, procs, values, results, deadline, timeout)
+                continue
             if not ok:
                 raise RuntimeError(f"{fn.__name__} failed on rank {rank}:\n{value}")
             values[rank] = pickle.loads(value)
