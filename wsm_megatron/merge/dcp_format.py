@@ -215,6 +215,14 @@ class _BlobView(io.RawIOBase):
         self._head: bytes | None = None
         self._tail: bytes | None = None
 
+    @property
+    def name(self) -> str:
+        return self._path.name
+
+    @property
+    def length(self) -> int:
+        return self._length
+
     def readable(self) -> bool:
         return True
 
@@ -330,29 +338,23 @@ def _is_contiguous(size: tuple[int, ...], stride: tuple[int, ...]) -> bool:
     return all(n == 1 or a == b for n, a, b in zip(size, stride, expected, strict=True))
 
 
-def _read_member(
-    files: StorageFiles,
-    path: Path,
-    info: StorageRecord | _StorageInfo,
-    archive: zipfile.ZipFile,
-    name: str,
-    *,
-    where: str,
-) -> bytes:
-    """A small stored (uncompressed) member of the ``torch.save`` blob at ``info``, read from
-    its local header without the CRC-32 check: wsm-merge's own writer, like ``torch.save``'s
-    streaming writer, may leave CRCs unset, and the element data is never checked either."""
+def _read_member(view: _BlobView, archive: zipfile.ZipFile, name: str, *, where: str) -> bytes:
+    """A small stored (uncompressed) member of a ``torch.save`` blob, read from its local header
+    without the CRC-32 check: wsm-merge's own writer, like ``torch.save``'s streaming writer,
+    may leave CRCs unset, and the element data is never checked either. (The members read here
+    lie in the blob's first KiB, which the view reads once.)"""
     member = archive.getinfo(name)
     if member.compress_type != zipfile.ZIP_STORED:
-        raise MergeError(f"{where}: compressed member {name!r} in {path.name} is not supported")
-    start = info.offset + member.header_offset
-    fields = _ZIP_LOCAL_HEADER.unpack(files.read(path, start, _ZIP_LOCAL_HEADER.size))
+        raise MergeError(f"{where}: compressed member {name!r} in {view.name} is not supported")
+    view.seek(member.header_offset)
+    fields = _ZIP_LOCAL_HEADER.unpack(view.read(_ZIP_LOCAL_HEADER.size))
     if fields[0] != _ZIP_LOCAL_MAGIC:
-        raise MergeError(f"{where}: corrupt zip local header in {path.name}")
+        raise MergeError(f"{where}: corrupt zip local header in {view.name}")
     data_start = member.header_offset + _ZIP_LOCAL_HEADER.size + fields[10] + fields[11]
-    if data_start + member.file_size > info.length:
-        raise MergeError(f"{where}: member {name!r} extends past the stored item in {path.name}")
-    return files.read(path, info.offset + data_start, member.file_size)
+    if data_start + member.file_size > view.length:
+        raise MergeError(f"{where}: member {name!r} extends past the stored item in {view.name}")
+    view.seek(data_start)
+    return view.read(member.file_size)
 
 
 def locate_tensor(
@@ -383,7 +385,7 @@ def locate_tensor(
             if pkl_name is None:
                 raise MergeError(f"{where}: torch.save blob without data.pkl in {path.name}")
             prefix = pkl_name[: -len("data.pkl")]
-            member = partial(_read_member, files, path, info, archive, where=where)
+            member = partial(_read_member, view, archive, where=where)
             if f"{prefix}byteorder" in names and member(f"{prefix}byteorder") != b"little":
                 raise MergeError(f"{where}: big-endian checkpoint data is not supported")
             record = _TensorHeaderUnpickler(io.BytesIO(member(pkl_name))).load()
