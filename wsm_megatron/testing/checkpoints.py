@@ -39,6 +39,7 @@ import torch
 
 from wsm_megatron.layout import iteration_dir, write_tracker
 from wsm_megatron.merge.readback import load_dcp_tensors  # noqa: F401 - re-exported
+from wsm_megatron.testing.models import _sharded_objects, _sharded_tensors, tiny_gpt
 
 CONTENT_METADATA = {
     "distrib_optim_sharding_type": "fully_reshardable",
@@ -112,28 +113,6 @@ def te_extra_state(*seed: object, fp8: bool = True, amax_history_len: int = 1024
     return torch.frombuffer(bytearray(pickle.dumps(state)), dtype=torch.uint8)
 
 
-def _sharded_objects(tree: Any) -> list[Any]:
-    from megatron.core.dist_checkpointing.mapping import ShardedObject
-
-    if isinstance(tree, ShardedObject):
-        return [tree]
-    if isinstance(tree, Mapping):
-        return [t for v in tree.values() for t in _sharded_objects(v)]
-    return []
-
-
-def _sharded_tensors(tree: Any) -> list[Any]:
-    from megatron.core.dist_checkpointing.mapping import ShardedTensor
-
-    if isinstance(tree, ShardedTensor):
-        return [tree]
-    if isinstance(tree, Mapping):
-        return [t for v in tree.values() for t in _sharded_tensors(v)]
-    if isinstance(tree, (list, tuple)):
-        return [t for v in tree for t in _sharded_tensors(v)]
-    return []
-
-
 def write_megatron_checkpoints(
     root: str | os.PathLike[str],
     iterations: Sequence[int],
@@ -160,7 +139,6 @@ def write_megatron_checkpoints(
     from megatron.core.dist_checkpointing.optimizer import make_sharded_optimizer_tensor
 
     from wsm_megatron.runtime import ParallelConfig, init_distributed
-    from wsm_megatron.testing.models import tiny_gpt
 
     if not parallel_state.model_parallel_is_initialized():
         init_distributed(ParallelConfig(tp, pp))
@@ -298,7 +276,6 @@ def distributed_optimizer_model(*, tp: int = 1, num_layers: int = 2) -> tuple[An
     from megatron.core.transformer.module import Float16Module
 
     from wsm_megatron.runtime import ParallelConfig, init_distributed
-    from wsm_megatron.testing.models import tiny_gpt
 
     if not parallel_state.model_parallel_is_initialized():
         init_distributed(ParallelConfig(tp, 1))

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+from typing import Any
+
 import torch
 
 from wsm_megatron.runtime import cpu_compat
@@ -56,6 +59,28 @@ def tiny_gpt(
     return model
 
 
+def _sharded_objects(tree: Any) -> list[Any]:
+    from megatron.core.dist_checkpointing.mapping import ShardedObject
+
+    if isinstance(tree, ShardedObject):
+        return [tree]
+    if isinstance(tree, Mapping):
+        return [t for v in tree.values() for t in _sharded_objects(v)]
+    return []
+
+
+def _sharded_tensors(tree: Any) -> list[Any]:
+    from megatron.core.dist_checkpointing.mapping import ShardedTensor
+
+    if isinstance(tree, ShardedTensor):
+        return [tree]
+    if isinstance(tree, Mapping):
+        return [t for v in tree.values() for t in _sharded_tensors(v)]
+    if isinstance(tree, (list, tuple)):
+        return [t for v in tree for t in _sharded_tensors(v)]
+    return []
+
+
 def load_into_tiny_gpt(ckpt_dir: str, tp: int, pp: int) -> tuple[dict, list[tuple]]:
     """Start a ``tp`` x ``pp`` process group and load a checkpoint of ``tiny_gpt(bf16)`` the way
     Megatron-LM loads a merged one (``--no-load-optim --no-load-rng``: the model part); returns
@@ -63,7 +88,6 @@ def load_into_tiny_gpt(ckpt_dir: str, tp: int, pp: int) -> tuple[dict, list[tupl
     from megatron.core import dist_checkpointing
 
     from wsm_megatron.runtime import ParallelConfig, init_distributed
-    from wsm_megatron.testing.checkpoints import _sharded_tensors
 
     init_distributed(ParallelConfig(tp, pp))
     model = tiny_gpt(params_dtype=torch.bfloat16, seed=7)
