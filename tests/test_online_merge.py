@@ -164,7 +164,8 @@ def _nan_in_window(budget_gb: float) -> dict:
                 t.add_(0.01)
         online.on_save(Progress(it, it * 16))
     before = [t.clone() for t in live]
-    online.ring.entries[1].tensors[3][0] = float("nan")  # the snapshot of iteration 50
+    (segment,) = [s for s in online.ring.buckets[0].owned if s.tensor == 3]
+    online.ring.entries[1].slices[0][segment.offset] = float("nan")  # iteration 50's snapshot
     with online.merged(75) as point:
         inside = [t.clone() for t in live]
     return {
@@ -200,3 +201,101 @@ def test_online_merge_config_errors_name_the_key(overrides, message):
     with pytest.raises(ConfigError) as err:
         load_config(TINY_CONFIG, ["merge.online=true", *overrides])
     assert str(err.value).startswith(message), str(err.value)
+
+
+DP2 = [
+    *SMALL_RUN,
+    "parallel.tensor_model_parallel_size=1",  # 2 processes: DP = 2, the ring sliced in halves
+    "checkpoint.save_interval=2",
+    "merge.quantity=3",
+    "merge.schedule=minus-sqrt",
+]
+
+
+def _rebuild(overrides: list[str], root: str, resume: int, skew_listing: bool) -> dict:
+    """Build the trainer's model and online merge, rebuild the ring from ``root`` as a resume
+    at ``resume`` would, counting the bytes this rank's reader takes from the shard files. With
+    ``skew_listing``, rank 1 sees a different listing (as on a lagging network file system)."""
+    import torch.distributed as dist
+    from megatron.core import tensor_parallel
+    from torch.distributed.checkpoint import filesystem
+
+    from wsm_megatron.runtime import ParallelConfig, init_distributed
+    from wsm_megatron.training import checkpointing, online_merge
+    from wsm_megatron.training.model import build_model
+
+    config = load_config(TINY_CONFIG, overrides)
+    init_distributed(ParallelConfig())
+    if skew_listing and dist.get_rank() == 1:
+        online_merge.list_iterations = lambda root: [2]
+        real = checkpointing.read_tracker
+        checkpointing.read_tracker = lambda path: 2 if Path(path) == Path(root) else real(path)
+    tensor_parallel.model_parallel_cuda_manual_seed(3)
+    online = online_merge.OnlineMerge(config, list(build_model(config, 512).chunks))
+    read = [0]
+    slice_file = filesystem.FileSystemReader._slice_file
+
+    def counted(self, file, sinfo):  # every tensor read goes through here
+        read[0] += sinfo.length
+        return slice_file(self, file, sinfo)
+
+    filesystem.FileSystemReader._slice_file = counted
+    loaded, missing = online.rebuild(root, resume)
+    filesystem.FileSystemReader._slice_file = slice_file
+    found = checkpointing.resume_checkpoint(config)
+    return {
+        "loaded": loaded,
+        "bytes": read[0],
+        "ring": online.ring.nbytes,
+        "resume": found[1],
+        "slices": [s.slices[0][:64].clone() for s in online.ring.entries],
+    }
+
+
+def test_dp2_sliced_ring_merges_as_wsm_merge_restarts_bitwise_and_reads_once(corpus_dir, tmp_path):
+    common = [*DP2, f"corpus.cache_dir={corpus_dir}"]
+
+    def run(root: Path, iters: int, online: bool = True) -> list[dict]:
+        args = [f"checkpoint.save={root / 'ckpts'}", f"train.train_iters={iters}"]
+        if online:
+            args += ["merge.online=true", f"merge.save_dir={root / 'merged'}"]
+        return run_distributed(train_summary, 2, [*common, *args])
+
+    plain = run(tmp_path / "plain", 8, online=False)
+    a = run(tmp_path / "straight", 8)
+    assert [r["grid"] for r in a] == [(0, 0, 0), (0, 0, 1)]
+    for p, o in zip(plain, a, strict=True):  # merged evaluations leave training bitwise alone
+        assert p["losses"] == o["losses"]
+        assert all(np.array_equal(p["weights"][k], o["weights"][k]) for k in p["weights"])
+    merged = a[0]["merged_losses"]
+    assert list(merged) == [4, 6, 8] and a[1]["merged_losses"] == merged
+    offline = tmp_path / "offline"
+    argv = ["--input", str(tmp_path / "straight" / "ckpts"), "--output", str(offline)]
+    assert merge_main([*argv, "--last", "3", "--schedule", "minus-sqrt", "--no-progress"]) == 0
+    assert _same_tensors(
+        load_dcp_tensors(iteration_dir(tmp_path / "straight" / "merged", 8)),
+        load_dcp_tensors(iteration_dir(offline, 8)),
+    )
+
+    # Stopped at 4 in the window, resumed: the same merges, to the bit.
+    run(tmp_path / "split", 4)
+    b = run(tmp_path / "split", 8)
+    assert b[0]["merged_losses"] == {it: merged[it] for it in (6, 8)}
+    assert b[0]["ring_rebuild"] == ([2], [])
+
+    # A rebuild reads each checkpoint once per data-parallel group, not once per replica.
+    root = str(tmp_path / "straight" / "ckpts")
+    overrides = [*common, "merge.online=true", f"checkpoint.save={root}"]
+    one = run_distributed(_rebuild, 1, overrides, root, 8, False)
+    two = run_distributed(_rebuild, 2, overrides, root, 8, False)
+    assert one[0]["loaded"] == two[0]["loaded"] == two[1]["loaded"] == [4, 6]
+    assert one[0]["bytes"] > 0 and two[0]["bytes"] + two[1]["bytes"] == one[0]["bytes"]
+    assert two[0]["ring"] + two[1]["ring"] <= one[0]["ring"] + 2 * 2 * 4
+
+    # Rank 1 sees a stale listing: the ranks still agree (rank 0 decides) and nothing hangs.
+    skewed = run_distributed(_rebuild, 2, overrides, root, 8, True, timeout=120)
+    assert [r["loaded"] for r in skewed] == [[4, 6], [4, 6]]
+    assert [r["resume"] for r in skewed] == [8, 8]
+    assert all(
+        torch.equal(x, y) for x, y in zip(skewed[0]["slices"], two[0]["slices"], strict=True)
+    )

@@ -77,7 +77,8 @@ def main() -> int:
     from wsm_megatron.runtime import ParallelConfig, init_distributed
     from wsm_megatron.training.config import load_config
     from wsm_megatron.training.model import build_model
-    from wsm_megatron.training.online_merge import GIB, OnlineMerge
+    from wsm_megatron.snapshots.memory import GIB
+    from wsm_megatron.training.online_merge import OnlineMerge
     from wsm_megatron.training.optimizer import setup_model_and_optimizer
     from wsm_megatron.training.steps import run_microbatches
 
@@ -128,7 +129,8 @@ def main() -> int:
     take_s = _time(lambda: online.ring.take(n + 1, n + 1), args.repeats)
     issue_s = _time(lambda: online.ring.take(n + 1, n + 1) or online.ring.fence(), args.repeats)
     online.ring.ready()
-    merge_s = _time(lambda: online._combine(list(online.ring.entries), (1 / n,) * n), args.repeats)
+    entries = list(online.ring.entries)
+    merge_s = _time(lambda: online.ring.merge_into_live(entries, (1 / n,) * n), args.repeats)
     restore_s = _time(online._restore, args.repeats)
 
     interval = args.interval or config.checkpoint.save_interval or 1000

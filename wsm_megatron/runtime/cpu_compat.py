@@ -39,6 +39,11 @@ models, pipeline schedules and ``dist_checkpointing`` run on CPU over gloo. It i
    moves the last stage's copy of the word embeddings to the GPU (``weight.data.cuda()``) before
    all-reducing it with the first stage's. On CPU that method runs with ``Tensor.cuda`` returning
    the tensor unchanged, for the duration of that call only.
+7. The fully parallel load (``FullyParallelLoadStrategyWrapper``: each data-parallel rank reads
+   a share of the shards, then they exchange them): ``exchange_utils`` allocates its exchange
+   buffers on ``"cuda"`` (item 4, with ``empty_like``), through ``ShardedTensor.init_data("cuda")``
+   (mapped to the CPU) and with ``.cuda()`` on loaded tensors (the identity while ``load`` runs,
+   as in item 6).
 
 Also needed on CPU, without patching: ``psutil`` (a dependency of ``dist_checkpointing``), and a
 ``if __name__ == "__main__":`` guard in scripts, because ``dist_checkpointing`` may spawn worker
@@ -63,8 +68,11 @@ _CUDA_LITERAL_MODULES = (
     "megatron.core.optimizer.optimizer",
     "megatron.core.optimizer.clip_grads",
     "megatron.core.utils",
+    "megatron.core.dist_checkpointing.exchange_utils",
 )
-_FACTORIES = frozenset({"zeros", "ones", "empty", "full", "tensor", "arange", "as_tensor"})
+_FACTORIES = frozenset(
+    {"zeros", "ones", "empty", "empty_like", "full", "tensor", "arange", "as_tensor"}
+)
 
 
 def _is_cuda(device: object) -> bool:
@@ -187,6 +195,19 @@ def install() -> bool:
     LanguageModule.setup_embeddings_and_output_layer = _cpu_tensor_cuda(
         LanguageModule.setup_embeddings_and_output_layer
     )
+
+    from megatron.core.dist_checkpointing.mapping import ShardedTensor
+    from megatron.core.dist_checkpointing.strategies.fully_parallel import (
+        FullyParallelLoadStrategyWrapper,
+    )
+
+    init_data = ShardedTensor.init_data
+
+    def _init_data_on_cpu(self: ShardedTensor, device: object, *args: object, **kw: object) -> None:
+        init_data(self, "cpu" if _is_cuda(device) else device, *args, **kw)
+
+    ShardedTensor.init_data = _init_data_on_cpu
+    FullyParallelLoadStrategyWrapper.load = _cpu_tensor_cuda(FullyParallelLoadStrategyWrapper.load)
 
     for module_name in _CUDA_LITERAL_MODULES:
         module = importlib.import_module(module_name)

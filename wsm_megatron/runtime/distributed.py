@@ -20,13 +20,16 @@ import os
 import random
 import re
 import socket
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
+from typing import TypeVar
 
 import torch
 import torch.distributed as dist
 
 from wsm_megatron.runtime import cpu_compat
+
+T = TypeVar("T")
 
 
 @dataclass(frozen=True)
@@ -286,3 +289,25 @@ def destroy_distributed() -> None:
         parallel_state.destroy_model_parallel()
     if dist.is_initialized():
         dist.destroy_process_group()
+
+
+def decided_on_rank0(decide: Callable[[], T]) -> T:
+    """``decide()`` run on rank 0 only, its result (or its ``ValueError``) given to every rank.
+
+    For every decision made from a listing of a shared file system (the resume iteration, the
+    ring's window, the candidates of ``wsm-tune``): on a network file system two ranks can see
+    different listings, and ranks that decide differently wait in different collectives forever.
+    """
+    if not dist.is_initialized() or dist.get_world_size() == 1:
+        return decide()
+    box: list[object] = [None]
+    if dist.get_rank() == 0:
+        try:
+            box[0] = ("ok", decide())
+        except ValueError as err:  # a user error: every rank stops with the same line
+            box[0] = ("error", err)
+    dist.broadcast_object_list(box, src=0)
+    kind, value = box[0]
+    if kind == "error":
+        raise value
+    return value

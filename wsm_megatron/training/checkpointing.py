@@ -31,11 +31,13 @@ import torch.distributed as dist
 from megatron.core import dist_checkpointing, parallel_state, tensor_parallel
 from megatron.core.dist_checkpointing.mapping import ShardedObject
 from megatron.core.dist_checkpointing.serialization import (
+    get_default_load_sharded_strategy,
     get_default_save_sharded_strategy,
     load_sharded_metadata,
 )
 from megatron.core.dist_checkpointing.strategies.async_utils import AsyncCallsQueue
 from megatron.core.dist_checkpointing.strategies.fully_parallel import (
+    FullyParallelLoadStrategyWrapper,
     FullyParallelSaveStrategyWrapper,
 )
 from megatron.core.dist_checkpointing.validation import StrictHandling
@@ -49,10 +51,10 @@ from wsm_megatron.layout import (
     read_tracker,
     write_tracker,
 )
-from wsm_megatron.runtime import cpu_compat
+from wsm_megatron.runtime import cpu_compat, decided_on_rank0
 from wsm_megatron.training.config import WSMConfig
 from wsm_megatron.training.optimizer import TrainState, params_synced
-from wsm_megatron.training.retention import prune_checkpoints
+from wsm_megatron.training.retention import BackgroundPruner
 from wsm_megatron.training.schedules import MEGATRON_DECAY_STYLE
 
 CHECKPOINT_VERSION = 3.0
@@ -95,8 +97,13 @@ def resolve_checkpoint(path: str | Path) -> tuple[Path, int]:
 
 
 def resume_checkpoint(config: WSMConfig) -> tuple[Path, int] | None:
-    """``(iteration directory, iteration)`` a run resumes from, or None for a fresh start:
-    ``checkpoint.load_iteration`` of ``checkpoint.load`` (default ``save``), else the tracker's.
+    """``(iteration directory, iteration)`` a run resumes from, or None for a fresh start,
+    decided on rank 0 from its view of the file system (:func:`_find_resume_checkpoint`)."""
+    return decided_on_rank0(lambda: _find_resume_checkpoint(config))
+
+
+def _find_resume_checkpoint(config: WSMConfig) -> tuple[Path, int] | None:
+    """``checkpoint.load_iteration`` of ``checkpoint.load`` (default ``save``), else the tracker's.
 
     An explicit ``checkpoint.load`` without a checkpoint is an error (a branch must not silently
     start from scratch), and so is a ``load_iteration`` that is not a complete checkpoint, or
@@ -284,15 +291,31 @@ def _load_model_state(model: list[torch.nn.Module], loaded: dict[str, Any]) -> N
         chunk.load_state_dict(loaded["model" if len(chunks) == 1 else f"model{i}"])
 
 
+def fully_parallel_load_strategy(ckpt_dir: str | Path) -> Any:
+    """Megatron's fully parallel load over the DP x CP group (``--ckpt-fully-parallel-load``):
+    each replica reads a share of the shards and they exchange them, so a checkpoint's bytes
+    are read once per data-parallel group, not once per replica. None without replicas."""
+    if not dist.is_initialized():
+        return None
+    group = parallel_state.get_data_parallel_group(with_context_parallel=True)
+    if dist.get_world_size(group) == 1:
+        return None
+    return FullyParallelLoadStrategyWrapper(get_default_load_sharded_strategy(str(ckpt_dir)), group)
+
+
 def load_model_only(model: list[torch.nn.Module], path: str | Path) -> int:
-    """Load just the weights (``--no-load-optim --no-load-rng``), e.g. a merged checkpoint.
+    """Load just the weights (``--no-load-optim --no-load-rng``), e.g. a merged checkpoint,
+    read once per data-parallel group (:func:`fully_parallel_load_strategy`).
 
     ``path`` is a checkpoint root or an ``iter_*`` directory; returns its iteration.
     """
     ckpt_dir, iteration = resolve_checkpoint(path)
     sharded = model_sharded_state_dict(model)
     loaded = dist_checkpointing.load(
-        sharded, str(ckpt_dir), strict=StrictHandling.ASSUME_OK_UNEXPECTED
+        sharded,
+        str(ckpt_dir),
+        fully_parallel_load_strategy(ckpt_dir),
+        strict=StrictHandling.ASSUME_OK_UNEXPECTED,
     )
     _load_model_state(model, loaded)
     return iteration
@@ -321,6 +344,7 @@ class Checkpointer:
         self.metadata = _content_metadata(state.distributed_optimizer)
         self.last_saved: int | None = None
         self._save_strategy: Any = None
+        self.pruner = BackgroundPruner()
 
     def due(self, progress: Progress, samples_this_iteration: int) -> bool:
         """Whether the iteration just finished crosses a save interval."""
@@ -432,16 +456,20 @@ class Checkpointer:
         return self._save_strategy
 
     def _prune(self, root: Path) -> None:
+        """Hand retention's deletions to the background worker (rank 0, after the tracker)."""
         keep = self.config.merge_quantity
         if keep is not None and self.config.checkpoint.prune:
-            prune_checkpoints(root, keep, self.config.checkpoint.keep_every)
+            self.pruner.submit(root, keep, self.config.checkpoint.keep_every)
 
     def finalize(self, blocking: bool = False) -> None:
-        """Complete finished async saves (all of them with ``blocking``); a no-op on CPU."""
+        """Complete finished async saves (all of them with ``blocking``, and retention's
+        pending deletions)."""
         if self.queue is not None:
             self.queue.maybe_finalize_async_calls(blocking=blocking)
             if blocking:
                 self.queue.close()
+        if blocking:
+            self.pruner.drain()
 
     # ------------------------------------------------------------------ resume
     def load(self) -> Progress | None:

@@ -1,17 +1,26 @@
 """Which checkpoints a WSM run keeps: the newest ones its merge window needs, plus a record.
 
-Pruning runs on one rank right after the tracker file points at a new checkpoint. It only ever
-removes iterations older than the tracker's (so never the checkpoint being written, nor the one
-a restart would resume from), keeps the newest ``keep_last`` complete ones and every iteration
-that is a multiple of ``keep_every``.
+Pruning runs on one rank after the tracker file points at a new checkpoint, on a background
+thread (:class:`BackgroundPruner`), so no save waits while old checkpoints are deleted. It only
+ever removes iterations older than the tracker's (so never the checkpoint being written, nor the
+one a restart would resume from), keeps the newest ``keep_last`` complete ones and every
+iteration that is a multiple of ``keep_every``. A checkpoint is first renamed out of the
+``iter_*`` namespace, then deleted: a half-deleted folder never looks like a checkpoint. A
+failed delete is a warning, never an error.
 """
 
 from __future__ import annotations
 
+import os
+import queue
 import shutil
+import sys
+import threading
 from pathlib import Path
 
 from wsm_megatron.layout import iteration_dir, list_iterations, read_tracker
+
+DELETING_PREFIX = ".deleting-"
 
 
 def checkpoints_to_prune(
@@ -28,14 +37,55 @@ def checkpoints_to_prune(
 
 
 def prune_checkpoints(root: str | Path, keep_last: int, keep_every: int | None = None) -> list[int]:
-    """Delete the checkpoints under ``root`` that :func:`checkpoints_to_prune` selects."""
+    """Delete the checkpoints under ``root`` that :func:`checkpoints_to_prune` selects (and
+    what earlier deletions left); returns the iterations removed."""
+    root = Path(root)
     tracker = read_tracker(root)
     if tracker is None:
         return []
     removed = []
     for iteration in checkpoints_to_prune(list_iterations(root), tracker, keep_last, keep_every):
         path = iteration_dir(root, iteration)
-        if not path.is_symlink():  # a link points at a checkpoint someone keeps elsewhere
-            shutil.rmtree(path)
-            removed.append(iteration)
+        if path.is_symlink():  # a link points at a checkpoint someone keeps elsewhere
+            continue
+        doomed = root / f"{DELETING_PREFIX}{path.name}.{os.getpid()}"
+        os.replace(path, doomed)  # atomic: from here on it is not a checkpoint
+        removed.append(iteration)
+    for doomed in root.glob(f"{DELETING_PREFIX}*"):
+        shutil.rmtree(doomed)
     return removed
+
+
+class BackgroundPruner:
+    """Runs :func:`prune_checkpoints` on a worker thread, one request after another."""
+
+    def __init__(self) -> None:
+        self._requests: queue.Queue[tuple[Path, int, int | None]] = queue.Queue()
+        self._thread: threading.Thread | None = None
+
+    def submit(self, root: str | Path, keep_last: int, keep_every: int | None = None) -> None:
+        """Prune ``root`` soon; returns at once."""
+        if self._thread is None:
+            self._thread = threading.Thread(target=self._work, name="wsm-retention", daemon=True)
+            self._thread.start()
+        self._requests.put((Path(root), keep_last, keep_every))
+
+    def drain(self) -> None:
+        """Wait until every request so far is done."""
+        if self._thread is not None:
+            self._requests.join()
+
+    def _work(self) -> None:
+        while True:
+            root, keep_last, keep_every = self._requests.get()
+            try:
+                prune_checkpoints(root, keep_last, keep_every)
+            except OSError as err:
+                print(
+                    f"WARNING: retention: could not delete an old checkpoint under {root}: "
+                    f"{err}; it stays, training goes on",
+                    file=sys.stderr,
+                    flush=True,
+                )
+            finally:
+                self._requests.task_done()

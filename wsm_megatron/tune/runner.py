@@ -3,8 +3,10 @@ run's own layout, scored, and the live values restored; nothing is written per c
 
 Each rank works on its own shard only (the tensors a merge averages, :func:`shard_values`).
 When the snapshots of every checkpoint the largest window needs fit in
-``--snapshot-memory-gb``, each checkpoint is loaded once into a snapshot and every candidate is
-combined from the snapshots with :func:`merge_into` (``wsm-merge``'s computation). Otherwise
+``--snapshot-memory-gb``, each checkpoint is loaded once per data-parallel group into the
+sharded snapshot ring (:mod:`wsm_megatron.snapshots`: each rank keeps its 1/DP slice) and every
+candidate is combined from the slices (``wsm-merge``'s computation) and gathered into the
+model. Otherwise
 the candidates run in groups: each group keeps one fp32 accumulator per candidate and reads its
 checkpoints once, oldest first, adding each one's share with :func:`accumulate_` (the same bits
 as the combined sum, up to the sign of zero).
@@ -22,16 +24,11 @@ import torch.distributed as dist
 
 from wsm_megatron.kernels import accumulate_
 from wsm_megatron.merge.errors import MergeError
+from wsm_megatron.snapshots.loading import load_checkpoints, load_snapshots
+from wsm_megatron.snapshots.memory import GIB
+from wsm_megatron.snapshots.ring import SnapshotRing, ring_bytes
+from wsm_megatron.snapshots.values import shard_values
 from wsm_megatron.training.config import WSMConfig
-from wsm_megatron.training.online_merge import (
-    GIB,
-    SnapshotRing,
-    copy_into,
-    load_checkpoints,
-    load_snapshots,
-    merge_into,
-    shard_values,
-)
 from wsm_megatron.tune.candidates import Candidate, window_of
 
 Scores = dict[str, float]
@@ -118,11 +115,12 @@ class CandidateRunner:
         self.model = model
         self.root = root
         self.budget_gb = budget_gb
-        self.live = [v.tensor for v in shard_values(model)]
+        self.values = shard_values(model)
+        self.live = [v.tensor for v in self.values]
 
     def plan(self, merges: Sequence[Candidate]) -> MemoryPlan:
         numel = sum(t.numel() for t in self.live)
-        stored = sum(t.numel() * t.element_size() for t in self.live)
+        stored = ring_bytes(self.values, 1, shard=True)  # one snapshot's slice on this rank
         return plan_memory(merges, _largest(stored), _largest(numel * 4), self.budget_gb)
 
     def run(self, newest: Candidate, plan: MemoryPlan, score: Scorer) -> ScoreTable:
@@ -139,15 +137,16 @@ class CandidateRunner:
         self, newest: Candidate, merges: Sequence[Candidate], score: Scorer, out: ScoreTable
     ) -> None:
         window = window_of([newest, *merges])
-        ring = SnapshotRing(self.live, len(window), torch.device("cpu"))
+        ring = SnapshotRing(self.values, len(window), torch.device("cpu"), shard=True)
         load_snapshots(self.model, ring, self.root, window, self.config.seq_length)
-        by_iteration = {s.iteration: s.tensors for s in ring.entries}
+        ring.ready()
+        by_iteration = {s.iteration: s for s in ring.entries}
         out[newest.name] = score()
         for c in merges:
             inputs = [by_iteration[it] for it in c.iterations]
-            bad = merge_into(self.live, inputs, c.coefficients, ring.device)
+            bad = ring.merge_into_live(inputs, c.coefficients)
             out[c.name] = None if bad else score()
-            copy_into(self.live, by_iteration[newest.iterations[-1]])
+            ring.restore_live(by_iteration[newest.iterations[-1]])
 
     @torch.no_grad()
     def _from_accumulators(
@@ -173,5 +172,7 @@ class CandidateRunner:
             if _largest(int(flags[c.name].item())):
                 out[c.name] = None
                 continue
-            copy_into(self.live, accs[c.name])
+            with torch.no_grad():
+                for target, value in zip(self.live, accs[c.name], strict=True):
+                    target.copy_(value)  # the fp32 accumulator, rounded once
             out[c.name] = score()
