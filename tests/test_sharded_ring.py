@@ -18,9 +18,11 @@ import math
 import pytest
 import torch
 
+from wsm_megatron.snapshots.plan import stage_count
 from wsm_megatron.snapshots.slicing import Bucket
 from wsm_megatron.testing.distributed import run_distributed
 from wsm_megatron.testing.runs import SMALL_RUN, TINY_CONFIG
+from wsm_megatron.training.config import load_config
 
 MOE = [
     "parallel.tensor_model_parallel_size=1",
@@ -34,6 +36,14 @@ MOE = [
     "model.swiglu=true",
     "model.add_bias_linear=false",
     "model.moe_token_dispatcher_type=allgather",
+]
+
+PP2_TIED = [  # tied embeddings across stages, learned positions, LayerNorm with biases
+    "parallel.tensor_model_parallel_size=1",
+    "parallel.pipeline_model_parallel_size=2",
+    "model.position_embedding_type=learned_absolute",
+    "model.normalization=LayerNorm",
+    "model.qk_layernorm=true",
 ]
 
 
@@ -112,11 +122,17 @@ def _ring_check(overrides: list[str], gather_bytes: int) -> dict:
     return {
         "grid": (
             parallel_state.get_tensor_model_parallel_rank(),
+            parallel_state.get_pipeline_model_parallel_rank(),
             parallel_state.get_expert_model_parallel_rank(),
         ),
+        "dp": parallel_state.get_data_parallel_world_size(with_context_parallel=True),
         "sizes": sorted({(rb.bucket.size, rb.bucket.numel) for rb in ring.buckets}),
         "chunks": max(rb.bucket.chunks for rb in ring.buckets),
         "expert_values": sum(v.expert for v in values),
+        "numel": {
+            kind: sum(v.tensor.numel() for v in values if v.expert == (kind == "expert"))
+            for kind in ("dense", "expert")
+        },
         "ring": ring.nbytes,
         "whole": whole.nbytes,
         "expected": 3
@@ -143,8 +159,9 @@ def _ring_check(overrides: list[str], gather_bytes: int) -> dict:
         (2, ["parallel.tensor_model_parallel_size=1"], 4096),  # many chunks per bucket
         (4, ["parallel.tensor_model_parallel_size=2"], 1 << 28),
         (4, MOE, 2048),
+        (2, PP2_TIED, 1 << 28),  # DP = 1: the whole shard, nothing gathered
     ],
-    ids=["tp1-dp2", "tp1-dp2-small-chunks", "tp2-dp2", "moe-ep2-dp2"],
+    ids=["tp1-dp2", "tp1-dp2-small-chunks", "tp2-dp2", "moe-ep2-dp2", "pp2-dp1"],
 )
 def test_sharded_ring_holds_a_dp_slice_and_merges_bitwise_into_every_replica(
     world, overrides, gather_bytes
@@ -163,11 +180,16 @@ def test_sharded_ring_holds_a_dp_slice_and_merges_bitwise_into_every_replica(
     if overrides is MOE:  # dense values over DP x CP = 4 ranks, expert values over EDP = 2
         assert results[0]["expert_values"] > 0 and {s for s, _ in results[0]["sizes"]} == {2, 4}
         assert results[0]["ring"] < results[0]["whole"] / 2
+    # The planner (no model built) counts what the real megatron-core model holds.
+    config = load_config(TINY_CONFIG, [*SMALL_RUN, *overrides])
+    for r in results:
+        planned = stage_count(config, r["grid"][1], 512)
+        assert r["numel"] == {"dense": planned.dense, "expert": planned.expert}
     by_grid: dict[tuple, list] = {}
     for r in results:  # replicas of one shard hold the same merged values
         by_grid.setdefault(r["grid"], []).append(r["checksum"])
     assert all(all(c == cs[0] for c in cs) for cs in by_grid.values())
-    assert len(by_grid) == world // 2
+    assert all(len(cs) > 1 for cs in by_grid.values()) == (results[0]["dp"] > 1)
 
 
 class _FP8Like(torch.nn.Module):

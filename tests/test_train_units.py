@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from wsm_megatron.layout import iteration_dir, write_tracker
+from wsm_megatron.layout import TRACKER_FILENAME, iteration_dir, list_iterations, write_tracker
 from wsm_megatron.training.checkpointing import Progress, resolve_checkpoint, save_due
 from wsm_megatron.training.config import ConfigError, load_config
 from wsm_megatron.training.metrics import flops_per_iteration
@@ -104,6 +104,50 @@ def test_prune_checkpoints_on_disk(tmp_path):
     assert resolve_checkpoint(iteration_dir(tmp_path, 40)) == (iteration_dir(tmp_path, 40), 40)
     with pytest.raises(ValueError, match="neither a checkpoint root"):
         resolve_checkpoint(tmp_path / "elsewhere")
+
+
+def test_background_retention_does_not_hold_up_the_caller_and_a_failed_delete_is_a_warning(
+    tmp_path, monkeypatch, capfd
+):
+    import shutil
+    import threading
+    import time
+
+    from wsm_megatron.training import retention
+
+    for it in (10, 20, 30):
+        iteration_dir(tmp_path, it).mkdir()
+    write_tracker(tmp_path, 30)
+    release = threading.Event()
+    real_rmtree = shutil.rmtree
+
+    def slow_rmtree(path, *args, **kwargs):  # a terabyte of old checkpoints on a slow disk
+        release.wait(30)
+        real_rmtree(path, *args, **kwargs)
+
+    monkeypatch.setattr(retention.shutil, "rmtree", slow_rmtree)
+    pruner = retention.BackgroundPruner()
+    start = time.perf_counter()
+    pruner.submit(tmp_path, keep_last=1)
+    assert time.perf_counter() - start < 1.0  # the next step goes on at once
+    time.sleep(0.2)
+    # Renamed out of the iter_* namespace before the slow delete: never a half checkpoint.
+    assert list_iterations(tmp_path) == [30]
+    release.set()
+    pruner.drain()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["iter_0000030", TRACKER_FILENAME]
+
+    def failing_rmtree(path, *args, **kwargs):
+        raise PermissionError(13, "Permission denied", str(path))
+
+    monkeypatch.setattr(retention.shutil, "rmtree", failing_rmtree)
+    iteration_dir(tmp_path, 40).mkdir()
+    write_tracker(tmp_path, 40)
+    pruner.submit(tmp_path, keep_last=1)
+    pruner.drain()
+    err = capfd.readouterr().err
+    assert "WARNING: retention: could not delete an old checkpoint under" in err
+    assert "Permission denied" in err and list_iterations(tmp_path) == [40]
 
 
 def test_flops_match_the_6nd_rule_for_a_dense_gpt():

@@ -75,9 +75,9 @@ def main() -> int:
     from megatron.core import parallel_state, tensor_parallel
 
     from wsm_megatron.runtime import ParallelConfig, init_distributed
+    from wsm_megatron.snapshots.memory import GIB
     from wsm_megatron.training.config import load_config
     from wsm_megatron.training.model import build_model
-    from wsm_megatron.snapshots.memory import GIB
     from wsm_megatron.training.online_merge import OnlineMerge
     from wsm_megatron.training.optimizer import setup_model_and_optimizer
     from wsm_megatron.training.steps import run_microbatches

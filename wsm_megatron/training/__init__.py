@@ -7,5 +7,7 @@
 - :mod:`.checkpointing` and :mod:`.retention`: Megatron-LM ``torch_dist`` checkpoints, resume,
   pruning to the merge window;
 - :mod:`.steps`, :mod:`.evaluate`, :mod:`.trainer`: the loop and validation;
+- :mod:`.callbacks`: the loop's parts (metrics, evaluation, the online merge) on lifecycle hooks;
+- :mod:`.online_merge`: the merged model at every save, from :mod:`wsm_megatron.snapshots`;
 - :mod:`.metrics`, :mod:`.loggers`: FLOPs, memory, console, JSON lines, wandb, TensorBoard.
 """

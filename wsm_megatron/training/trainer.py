@@ -2,10 +2,13 @@
 
 :func:`pretrain` runs inside a launched process (torchrun, SLURM's srun, or a test's
 ``run_distributed``): it starts the distributed runtime, builds data, model, optimizer and LR
-schedule, resumes from the newest checkpoint if there is one, trains with Megatron's pipeline
-schedules, logs, evaluates, checkpoints on the configured interval and prunes what the merge
-window no longer needs. :func:`evaluate_checkpoints` loads checkpoints weights-only (a merged
-checkpoint has nothing else) at the training layout and reports their validation loss.
+schedule, resumes from the newest checkpoint if there is one, and trains with Megatron's pipeline
+schedules, checkpointing on the configured interval (retention prunes in the save's
+finalisation). The loop keeps the step, its bookkeeping and the saves; metrics logging,
+evaluation and the online merge are callbacks (:mod:`wsm_megatron.training.callbacks`) whose
+lifecycle hooks it calls on every rank in the same order, never naming them.
+:func:`evaluate_checkpoints` loads checkpoints weights-only (a merged checkpoint has nothing else)
+at the training layout and reports their validation loss.
 """
 
 from __future__ import annotations
@@ -14,12 +17,13 @@ import random
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import torch
 from megatron.core import parallel_state, tensor_parallel
+from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
 from megatron.core.transformer.module import Float16Module
 
 from wsm_megatron.data import build_datasets, build_tokenizer
@@ -31,6 +35,15 @@ from wsm_megatron.data.loader import (
     reads_data,
 )
 from wsm_megatron.runtime import ParallelConfig, Runtime, init_distributed
+from wsm_megatron.training.callbacks import (
+    Callback,
+    Callbacks,
+    EvaluationCallback,
+    MetricsCallback,
+    OnlineMergeCallback,
+    StepInfo,
+    ValidRecord,
+)
 from wsm_megatron.training.checkpointing import (
     Checkpointer,
     Progress,
@@ -40,13 +53,13 @@ from wsm_megatron.training.checkpointing import (
 )
 from wsm_megatron.training.config import WSMConfig, resolve_corpus
 from wsm_megatron.training.evaluate import ValidBatches, evaluate
-from wsm_megatron.training.loggers import MetricsLogger, console_line
-from wsm_megatron.training.metrics import flops_per_iteration, memory_gb
+from wsm_megatron.training.loggers import MetricsLogger
+from wsm_megatron.training.metrics import flops_per_iteration
 from wsm_megatron.training.model import BuiltModel, build_model, count_parameters, mixed_precision
-from wsm_megatron.training.online_merge import MergePoint, OnlineMerge
+from wsm_megatron.training.online_merge import MergePoint
 from wsm_megatron.training.optimizer import TrainState, params_synced, setup_model_and_optimizer
 from wsm_megatron.training.schedules import build_scheduler
-from wsm_megatron.training.steps import Batch, global_token_means, run_microbatches
+from wsm_megatron.training.steps import Batch, run_microbatches
 
 
 @dataclass
@@ -203,9 +216,9 @@ def _describe(session: _Session, state: TrainState) -> str:
 def pretrain(config: WSMConfig) -> TrainResult:
     """Train (or resume training) as ``config`` says; returns the progress and losses."""
     session = _start(config, need_train=True)
-    config, t = session.config, session.config.train
+    config = session.config
     state = setup_model_and_optimizer(session.built, config)
-    scheduler = build_scheduler(state.optimizer, t)
+    scheduler = build_scheduler(state.optimizer, config.train)
     checkpointer = Checkpointer(
         config,
         state,
@@ -215,143 +228,67 @@ def pretrain(config: WSMConfig) -> TrainResult:
     )
     logger = MetricsLogger(config, is_main=session.runtime.is_main)
     logger.print(_describe(session, state))
-    online = OnlineMerge(config, state.model) if config.merge.online else None
-    if online is not None:
-        logger.print(online.describe())
     result = TrainResult(progress=Progress(), state=state)
-    progress = result.progress = _resume(config, checkpointer, online, logger, result)
-    if progress.iteration:
-        result.resumed_from = progress.iteration
-    train_batches = build_train_batches(
-        session.data.train,
-        session.data.anneal,
-        session.loader(),
-        global_batch_size=t.global_batch_size,
-        dp_rank=session.dp_rank,
-        dp_size=session.dp_size,
-        consumed_samples=progress.consumed_train_samples,
-        anneal_start_sample=config.data.anneal_start_sample(t.global_batch_size),
-    )
-    flops = flops_per_iteration(config, session.built.vocab_size)
-    world = session.runtime.world_size
-    window_start, window_iters = time.perf_counter(), 0
-    pending: list[torch.Tensor | None] = []  # this log interval's [loss sum, tokens], on device
-    while progress.iteration < t.train_iters:
-        for chunk in state.model:
-            chunk.zero_grad_buffer()
-        state.optimizer.zero_grad()
-        lr = state.optimizer.param_groups[0]["lr"]
-        loss = run_microbatches(
-            state.model,
-            train_batches,
-            num_microbatches=session.num_microbatches,
-            seq_length=config.seq_length,
-            micro_batch_size=t.micro_batch_size,
-            forward_only=False,
-        )
-        if online is not None:
-            online.fence()  # snapshot copies in flight finish before the weights change
-        updated, grad_norm, _ = state.optimizer.step()
-        if updated:
-            scheduler.step(increment=t.global_batch_size)
-        progress.iteration += 1
-        progress.consumed_train_samples += t.global_batch_size
-        progress.floating_point_operations += flops
-        it = progress.iteration
-        pending.append(loss)
-        result.lrs[it] = lr
-        window_iters += 1
-        checkpointer.finalize(blocking=False)
-
-        if it % config.logging.log_interval == 0 or it == t.train_iters:
-            # Reduced once per log interval, as Megatron-LM does: no per-step sync or collective.
-            steps = range(it - len(pending) + 1, it + 1)
-            result.losses.update(zip(steps, global_token_means(pending), strict=True))
-            pending = []
-            elapsed = time.perf_counter() - window_start
-            seconds = elapsed / window_iters
-            window = [result.losses[i] for i in range(it - window_iters + 1, it + 1)]
-            metrics = {
-                "loss": sum(window) / len(window),
-                "lr": lr,
-                "grad_norm": float("nan") if grad_norm is None else float(grad_norm),
-                "consumed_samples": progress.consumed_train_samples,
-                "tokens": progress.consumed_train_samples * config.seq_length,
-                "iter_per_s": 1.0 / seconds,
-                "tokens_per_s": config.tokens_per_iteration / seconds,
-                "tflops_per_gpu": flops / seconds / world / 1e12,
-                "skipped": not updated,
-                **memory_gb(),
-            }
-            logger.print(console_line(it, t.train_iters, metrics, (t.train_iters - it) * seconds))
-            logger.log("train", it, metrics)
-            window_start, window_iters = time.perf_counter(), 0
-
-        start = time.perf_counter()
-        valid: dict[str, Any] = {}
-        last = it == t.train_iters
-        saving = checkpointer.due(progress, t.global_batch_size) or (
-            last and config.checkpoint.save and checkpointer.last_saved != it
-        )
-        merging = saving and online is not None and online.due(progress)
-        if merging or (t.eval_interval and (it % t.eval_interval == 0 or last)):
-            valid["loss"] = result.val_losses[it] = _validate(session, state)
-            logger.print(f"  validation loss at iteration {it}: {valid['loss']:.4f}")
-        if saving:
-            save_start = time.perf_counter()
-            checkpointer.save(progress)
-            logger.print(
-                f"  saved checkpoint iteration {it} to {config.checkpoint.save} "
-                f"({time.perf_counter() - save_start:.1f} s"
-                f"{', writing asynchronously' if checkpointer.async_save else ''})"
-            )
-            if online is not None:
-                online.on_save(progress)
-        if merging:
-            valid.update(_merge_point(session, state, online, checkpointer, progress, logger))
-            if "merged_loss" in valid:
-                result.merged_losses[it] = valid["merged_loss"]
-            result.merge_points[it] = online.last_point
-        if valid:
-            logger.log("valid", it, {**valid, "tokens": it * config.tokens_per_iteration})
-        window_start += time.perf_counter() - start  # not training throughput
-
-    checkpointer.finalize(blocking=True)
-    logger.close()
+    callbacks = _callbacks(session, state, checkpointer, logger, result)
+    try:
+        result.progress = _resume(config, checkpointer, callbacks, logger)
+        if result.progress.iteration:
+            result.resumed_from = result.progress.iteration
+        _Loop(session, state, scheduler, checkpointer, logger, callbacks, result).run()
+    finally:
+        callbacks.close()
+        logger.close()
     return result
 
 
-def _resume(
-    config: WSMConfig,
+def _callbacks(
+    session: _Session,
+    state: TrainState,
     checkpointer: Checkpointer,
-    online: OnlineMerge | None,
-    logger: Any,
+    logger: MetricsLogger,
     result: TrainResult,
-) -> Progress:
-    """Resume from the newest checkpoint, first rebuilding the online merge's ring from the
-    window's checkpoints on disk."""
-    c = config.checkpoint
-    root = c.load_dir
-    found = resume_checkpoint(config)
-    if online is not None and found is not None and not c.finetune:
-        resume_iteration = found[1]
-        rebuilt, missing = result.ring_rebuild = online.rebuild(root, resume_iteration)
-        logger.print(
-            f"  online merge: ring rebuilt from {root} (iterations {rebuilt + [resume_iteration]})"
+) -> Callbacks:
+    """The loop's parts: metrics logging, evaluation and (``merge.online``) the online merge."""
+    config, t = session.config, session.config.train
+    validate = partial(_validate, session, state)
+    record = ValidRecord(logger, config.tokens_per_iteration)
+    flops = flops_per_iteration(config, session.built.vocab_size)
+    metrics = MetricsCallback(config, logger, result.losses, flops, session.runtime.world_size)
+    evaluation = EvaluationCallback(
+        validate, record, logger, result.val_losses, t.eval_interval, t.train_iters
+    )
+    parts: list[Callback] = [metrics, evaluation]
+    if config.merge.online:
+        online = OnlineMergeCallback.build(
+            config,
+            state.model,
+            validate=validate,
+            checkpointer=checkpointer,
+            logger=logger,
+            record=record,
+            result=result,
         )
-        if missing:
-            logger.print(
-                f"  WARNING: online merge: the window's checkpoints {missing} are not under "
-                f"{root}; merges use the {len(rebuilt) + 1} present until the window refills"
-            )
+        evaluation.before_save = online.due  # a merge point's raw loss, before the save
+        parts.append(online)
+    return Callbacks(parts)
+
+
+def _resume(
+    config: WSMConfig, checkpointer: Checkpointer, callbacks: Callbacks, logger: MetricsLogger
+) -> Progress:
+    """Resume from the newest checkpoint (``pre_resume`` first: the online merge rebuilds its
+    ring from the window's checkpoints on disk)."""
+    c = config.checkpoint
+    found = resume_checkpoint(config)
+    if found is not None and not c.finetune:
+        callbacks.pre_resume(found[1])
     progress = checkpointer.load() or Progress()
     if progress.iteration:
         logger.print(
             f"  resumed from {c.load_dir} at iteration {progress.iteration} "
             f"({progress.consumed_train_samples} samples consumed)"
         )
-        if online is not None:
-            online.on_resume(progress)
+        callbacks.post_checkpoint_loaded(progress)
     return progress
 
 
@@ -363,65 +300,93 @@ def _validate(session: _Session, state: TrainState) -> float:
         )
 
 
-def _merge_point(
-    session: _Session,
-    state: TrainState,
-    online: OnlineMerge,
-    checkpointer: Checkpointer,
-    progress: Progress,
-    logger: MetricsLogger,
-) -> dict[str, Any]:
-    """Merge the ring into the model, evaluate (and save) the merged model, restore the live
-    values; returns what to log beside the raw validation loss."""
-    from wsm_megatron.merge.provenance import input_entries, merge_info
+@dataclass
+class _Loop:
+    """The training loop: the step, its bookkeeping and the saves; the rest are ``callbacks``."""
 
-    config = session.config
-    start = time.perf_counter()
-    with online.merged(progress.iteration) as point:
-        metrics: dict[str, Any] = {
-            "merge_first": point.iterations[0],
-            "merge_last": point.iterations[-1],
-            "merge_checkpoints": len(point.iterations),
-            "merge_schedule": point.schedule,
-        }
-        window = (
-            f"{len(point.iterations)} checkpoints {point.iterations[0]}..{point.iterations[-1]}"
-            f", {point.schedule}"
+    session: _Session
+    state: TrainState
+    scheduler: OptimizerParamScheduler
+    checkpointer: Checkpointer
+    logger: MetricsLogger
+    callbacks: Callbacks
+    result: TrainResult
+
+    def run(self) -> None:
+        config, progress = self.session.config, self.result.progress
+        t = config.train
+        batches = self._train_batches()
+        flops = flops_per_iteration(config, self.session.built.vocab_size)
+        self.callbacks.pre_train(progress)
+        while progress.iteration < t.train_iters:
+            info = self._step(batches)
+            progress.iteration += 1
+            progress.consumed_train_samples += t.global_batch_size
+            progress.floating_point_operations += flops
+            self.result.lrs[progress.iteration] = info.lr
+            self.checkpointer.finalize(blocking=False)
+            info.saves = self._saves(progress)
+            self.callbacks.post_step(progress, info)
+            if info.saves:
+                self._save(progress)
+        self.checkpointer.finalize(blocking=True)
+        self.callbacks.post_train(progress)
+
+    def _train_batches(self) -> Iterator[Batch] | None:
+        """This rank's training microbatches from where ``progress`` left off."""
+        s, config = self.session, self.session.config
+        t = config.train
+        return build_train_batches(
+            s.data.train,
+            s.data.anneal,
+            s.loader(),
+            global_batch_size=t.global_batch_size,
+            dp_rank=s.dp_rank,
+            dp_size=s.dp_size,
+            consumed_samples=self.result.progress.consumed_train_samples,
+            anneal_start_sample=config.data.anneal_start_sample(t.global_batch_size),
         )
-        if point.nonfinite is not None:
-            logger.print(
-                f"  online merge at iteration {progress.iteration} ({window}) skipped: "
-                f"{point.nonfinite}; training continues"
-            )
-            metrics["merge_nonfinite"] = point.nonfinite
-            return metrics
-        metrics["merged_loss"] = _validate(session, state)
-        if config.merge.save_dir is not None:
-            info = merge_info(
-                tool="wsm-train online merge",
-                input_root=config.checkpoint.save,
-                inputs=input_entries(
-                    config.checkpoint.save,
-                    point.iterations,
-                    point.positions,
-                    point.weights.coefficients,
-                ),
-                weighting=online.weighting,
-                weights=point.weights,
-                accumulate_dtype="fp32",
-                output_dtype=None,
-                selection={
-                    "mode": f"online, the newest {online.ring.capacity}",
-                    "position_unit": "tokens",
-                    "position_source": "consumed_train_samples x seq_length",
-                },
-            )
-            checkpointer.save_merged(progress, config.merge.save_dir, info)
-    logger.print(
-        f"  merged model at iteration {progress.iteration} ({window}): validation loss "
-        f"{metrics['merged_loss']:.4f} ({time.perf_counter() - start:.1f} s)"
-    )
-    return metrics
+
+    def _step(self, batches: Iterator[Batch] | None) -> StepInfo:
+        """One iteration's forward, backward and optimizer step."""
+        started = time.perf_counter()
+        state, config = self.state, self.session.config
+        for chunk in state.model:
+            chunk.zero_grad_buffer()
+        state.optimizer.zero_grad()
+        lr = state.optimizer.param_groups[0]["lr"]
+        loss = run_microbatches(
+            state.model,
+            batches,
+            num_microbatches=self.session.num_microbatches,
+            seq_length=config.seq_length,
+            micro_batch_size=config.train.micro_batch_size,
+            forward_only=False,
+        )
+        self.callbacks.pre_optim_step()
+        updated, grad_norm, _ = state.optimizer.step()
+        if updated:
+            self.scheduler.step(increment=config.train.global_batch_size)
+        return StepInfo(loss=loss, lr=lr, grad_norm=grad_norm, updated=updated, started=started)
+
+    def _saves(self, progress: Progress) -> bool:
+        """Whether the iteration just finished saves: a save interval, or the end of training."""
+        config, it = self.session.config, progress.iteration
+        last = it == config.train.train_iters
+        return self.checkpointer.due(progress, config.train.global_batch_size) or (
+            last and bool(config.checkpoint.save) and self.checkpointer.last_saved != it
+        )
+
+    def _save(self, progress: Progress) -> None:
+        self.callbacks.pre_checkpoint_save(progress)
+        start = time.perf_counter()
+        self.checkpointer.save(progress)
+        self.logger.print(
+            f"  saved checkpoint iteration {progress.iteration} to "
+            f"{self.session.config.checkpoint.save} ({time.perf_counter() - start:.1f} s"
+            f"{', writing asynchronously' if self.checkpointer.async_save else ''})"
+        )
+        self.callbacks.post_checkpoint_saved(progress)
 
 
 def eval_session(config: WSMConfig) -> tuple[_Session, list[torch.nn.Module]]:

@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from wsm_megatron.merge.errors import MergeError
+from wsm_megatron.runtime import decided_on_rank0
 from wsm_megatron.training.config import WSMConfig
 from wsm_megatron.training.evaluate import evaluate
 from wsm_megatron.tune.candidates import TuneGrid, build_candidates
@@ -63,6 +64,8 @@ def tune(config: WSMConfig, options: TuneOptions) -> TuneResult:
 
         manager = task_manager(options.lm_eval_tasks, options.include_path)
     session, model = eval_session(config)
+    # Every rank merges what rank 0 sees: listings of a shared file system can differ.
+    candidates = decided_on_rank0(lambda: build_candidates(options.checkpoints, options.grid))
     is_main = session.runtime.is_main
     runner = CandidateRunner(session.config, model, options.checkpoints, options.snapshot_memory_gb)
     plan = runner.plan(candidates[1:])
