@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import io
 import math
+from pathlib import Path
 
 import pytest
 import torch
@@ -23,6 +24,8 @@ from wsm_megatron.snapshots.slicing import Bucket
 from wsm_megatron.testing.distributed import run_distributed
 from wsm_megatron.testing.runs import SMALL_RUN, TINY_CONFIG
 from wsm_megatron.training.config import load_config
+
+REPO_CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 
 MOE = [
     "parallel.tensor_model_parallel_size=1",
@@ -226,3 +229,27 @@ def test_extra_state_changed_by_a_merged_evaluation_is_put_back():
         model[1](torch.full((4,), 9.0))  # the merged model's evaluation
         assert model[1].meta["scale_fwd"][0] == 0.25
     assert all(torch.equal(model[1].meta[k], before[k]) for k in before)
+
+
+def test_plan_memory_prints_the_ring_per_gpu_and_per_node_without_a_launch(capsys):
+    from wsm_megatron.cli.train import main
+    from wsm_megatron.snapshots.plan import plan_ring
+
+    config = REPO_CONFIGS / "moe-small.yaml"
+    argv = ["--config", str(config), "--plan-memory", "--world-size", "64"]
+    assert main([*argv, "--vocab-size", "32000"]) == 0
+    out = capsys.readouterr().out
+    plan = plan_ring(load_config(config), 64, 32000)
+    assert plan.dp == 64 and plan.edp == 8  # EP 8 of 64 GPUs: experts sliced over 8
+    assert f"= {plan.rank_bytes(0) / 2**30:.3g} GiB per rank" in out
+    assert f"{plan.node_bytes() / 2**30:.3g} GiB per 8-GPU node" in out
+    assert plan.node_bytes() == 8 * plan.rank_bytes(0)
+    unsliced = plan_ring(load_config(config, ["merge.shard_ring=false"]), 64, 32000)
+    assert plan.rank_bytes(0) * 8 < unsliced.rank_bytes(0)
+    assert main(argv) == 2  # no corpus in the config: the vocabulary must be given
+    assert (
+        capsys.readouterr().err == "wsm-train: error: --plan-memory: give --vocab-size "
+        "(the config names no corpus)\n"
+    )
+    assert main([*argv[:-1], "63", "--vocab-size", "32000"]) == 2
+    assert capsys.readouterr().err.startswith("wsm-train: error: --world-size: 63 is not a")

@@ -55,7 +55,38 @@ def build_parser() -> argparse.ArgumentParser:
         "iter_* directories, weights only: merged checkpoints work)",
     )
     p.add_argument("--eval-output", metavar="JSON", help="with --evaluate: write results here")
+    p.add_argument(
+        "--plan-memory",
+        action="store_true",
+        help="print the online merge's ring cost per GPU and per node at --world-size and exit "
+        "(no launch, no model built)",
+    )
+    p.add_argument("--world-size", type=int, metavar="N", help="with --plan-memory: GPUs in all")
+    p.add_argument(
+        "--gpus-per-node", type=int, default=8, metavar="G", help="with --plan-memory (default 8)"
+    )
+    p.add_argument(
+        "--vocab-size",
+        type=int,
+        metavar="V",
+        help="with --plan-memory: the tokenizer's vocabulary (default: corpus.vocab_size)",
+    )
     return p
+
+
+def _plan_memory(args: argparse.Namespace, config: object) -> str:
+    """The ``--plan-memory`` answer, or a ValueError naming the flag."""
+    from wsm_megatron.snapshots.plan import plan_ring
+
+    if args.world_size is None or args.world_size < 1:
+        raise ValueError("--plan-memory needs --world-size N (N >= 1)")
+    if args.gpus_per_node < 1:
+        raise ValueError(f"--gpus-per-node: must be >= 1, got {args.gpus_per_node}")
+    vocab = args.vocab_size or (config.corpus.vocab_size if config.corpus.name else None)
+    if not vocab:
+        raise ValueError("--plan-memory: give --vocab-size (the config names no corpus)")
+    plan = plan_ring(config, args.world_size, vocab, args.gpus_per_node)
+    return f"{PROG}: {args.world_size} GPUs: {plan.describe()}"
 
 
 def _quiet_imports() -> None:
@@ -111,6 +142,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     if args.print_config:
         print(dump_config(config), end="")
+        return 0
+    if args.plan_memory:
+        try:
+            print(_plan_memory(args, config))
+        except ValueError as err:
+            print(f"{PROG}: error: {err}", file=sys.stderr)
+            return 2
         return 0
 
     _quiet_imports()

@@ -68,14 +68,12 @@ def stage_layers(config: WSMConfig, stage: int) -> list[int]:
 
 def stage_count(config: WSMConfig, stage: int, vocab_size: int) -> ShardCount:
     """Everything one TP rank of pipeline stage ``stage`` holds."""
-    from wsm_megatron.training.model import padded_vocab_size
-
     m, p = config.model, config.parallel
     tp, pp, h = p.tensor_model_parallel_size, p.pipeline_model_parallel_size, m.hidden_size
     moe_layers = m.moe_layers
     counts = [layer_count(config, moe_layers[i]) for i in stage_layers(config, stage)]
     dense, expert = sum(c.dense for c in counts), sum(c.expert for c in counts)
-    vocab = padded_vocab_size(vocab_size, config) * h // tp
+    vocab = config.padded_vocab_size(vocab_size) * h // tp
     if stage == 0:
         dense += vocab
         if m.position_embedding_type == "learned_absolute":

@@ -33,10 +33,7 @@ from wsm_megatron.training.config import WSMConfig, context_parallel_needs_te
 
 def padded_vocab_size(vocab_size: int, config: WSMConfig) -> int:
     """Megatron-LM's padding: a multiple of ``make_vocab_size_divisible_by`` x TP size."""
-    multiple = (
-        config.model.make_vocab_size_divisible_by * config.parallel.tensor_model_parallel_size
-    )
-    return -(-vocab_size // multiple) * multiple
+    return config.padded_vocab_size(vocab_size)
 
 
 def use_transformer_engine(config: WSMConfig) -> bool:

@@ -55,5 +55,11 @@ class WSMConfig:
             return self.merge.window // (c.save_interval or c.save_interval_tokens)
         return None
 
+    def padded_vocab_size(self, vocab_size: int) -> int:
+        """Megatron-LM's padding: a multiple of ``make_vocab_size_divisible_by`` x TP size."""
+        tp = self.parallel.tensor_model_parallel_size
+        multiple = self.model.make_vocab_size_divisible_by * tp
+        return -(-vocab_size // multiple) * multiple
+
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
