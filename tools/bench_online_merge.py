@@ -7,11 +7,13 @@
 
 Builds the config's model and optimizer at its TP/PP layout (synthetic tokens, no data or
 tokenizer), times training steps, then the online merge's pieces on a full ring: taking a
-snapshot (copy of the rank's shard; on GPU asynchronous, so also the time until it is done),
-forming the merged values in the model, restoring the live values. Prints each, the ring's
-memory per rank, and the merge point's share of the training time of one save interval
-(``--interval`` iterations; default the config's), without and with the merged model's
-evaluation (``train.eval_iters`` forward batches, the same as one validation of the raw model).
+snapshot (copy of the rank's slice; on GPU asynchronous, so also the time until it is done),
+forming the merged values in the model (slice combine + all-gather), restoring the live values
+(all-gather of the newest slices). Prints each, the ring's memory per rank and per node (and
+what an unsliced ring would hold), the bytes a ring rebuild reads from disk per rank and in all
+(the window saved once, then loaded back as a restart does), and the merge point's share of the
+training time of one save interval (``--interval`` iterations; default the config's), without
+and with the merged model's evaluation (``train.eval_iters`` forward batches).
 """
 
 from __future__ import annotations
@@ -76,12 +78,14 @@ def main() -> int:
 
     from wsm_megatron.runtime import ParallelConfig, init_distributed
     from wsm_megatron.snapshots.memory import GIB
+    from wsm_megatron.snapshots.ring import ring_bytes
     from wsm_megatron.training.config import load_config
     from wsm_megatron.training.model import build_model
     from wsm_megatron.training.online_merge import OnlineMerge
     from wsm_megatron.training.optimizer import setup_model_and_optimizer
     from wsm_megatron.training.steps import run_microbatches
 
+    tmp_root = tempfile.mkdtemp(prefix="wsm-bench-")
     with tempfile.TemporaryDirectory() as tmp:
         config = load_config(
             args.config,
@@ -133,6 +137,9 @@ def main() -> int:
     merge_s = _time(lambda: online.ring.merge_into_live(entries, (1 / n,) * n), args.repeats)
     restore_s = _time(online._restore, args.repeats)
 
+    rebuild_s, read = _rebuild(online, state.model, config, tmp_root)
+    whole = ring_bytes(online.values, n, shard=False)
+
     interval = args.interval or config.checkpoint.save_interval or 1000
     point = take_s + merge_s + restore_s
     train_s = interval * step_s
@@ -142,7 +149,11 @@ def main() -> int:
             f"online merge benchmark: {args.config} on {runtime.world_size} rank(s), {device}\n"
             f"  training step               {step_s * 1e3:10.1f} ms\n"
             f"  ring                        {n} x {online.ring.snapshot_bytes / GIB:.4f} GiB "
-            f"= {online.ring_bytes / GIB:.4f} GiB per rank ({len(online.values)} tensors)\n"
+            f"= {online.ring.nbytes / GIB:.4f} GiB per rank ({len(online.values)} tensors; "
+            f"unsliced {whole / GIB:.4f} GiB)\n"
+            f"{online.describe()}\n"
+            f"  rebuild of {n} checkpoints  {rebuild_s * 1e3:10.1f} ms, read {read[0] / 2**20:.2f} "
+            f"MiB on rank 0, {read[1] / 2**20:.2f} MiB on all ranks\n"
             f"  snapshot (copy, done)       {take_s * 1e3:10.2f} ms"
             f"  (issue only: {issue_s * 1e3:.2f} ms)\n"
             f"  merge {n} snapshots          {merge_s * 1e3:10.2f} ms\n"
@@ -153,6 +164,50 @@ def main() -> int:
             f"(merge only), {100 * (point + eval_s) / train_s:.3f} % (with merged evaluation)"
         )
     return 0
+
+
+def _rebuild(online, model, config, root: str) -> tuple[float, tuple[int, int]]:
+    """Save the ring's window as model-only checkpoints, then time a rebuild that reads them
+    back as a restart does; returns its seconds and the bytes read (this rank, all ranks)."""
+    from argparse import Namespace
+
+    import torch.distributed as dist
+    from megatron.core import dist_checkpointing
+    from torch.distributed.checkpoint import filesystem
+
+    from wsm_megatron.layout import iteration_dir
+    from wsm_megatron.snapshots.loading import load_snapshots
+    from wsm_megatron.training.checkpointing import model_sharded_state_dict
+
+    iterations = list(range(1, online.ring.capacity + 1))
+    for it in iterations:
+        ckpt = iteration_dir(root, it)
+        if dist.get_rank() == 0:
+            ckpt.mkdir(parents=True)
+        dist.barrier()
+        state = {"args": Namespace(consumed_train_samples=it), **model_sharded_state_dict(model)}
+        dist_checkpointing.save(state, str(ckpt))
+    read = [0]
+    slice_file = filesystem.FileSystemReader._slice_file
+
+    def counted(self, file, sinfo):
+        read[0] += sinfo.length
+        return slice_file(self, file, sinfo)
+
+    filesystem.FileSystemReader._slice_file = counted
+    _sync()
+    start = time.perf_counter()
+    load_snapshots(model, online.ring, root, iterations, config.seq_length)
+    online.ring.ready()
+    seconds = time.perf_counter() - start
+    filesystem.FileSystemReader._slice_file = slice_file
+    total = torch.tensor([read[0]], dtype=torch.float64, device=online.ring.compute)
+    dist.all_reduce(total)
+    if dist.get_rank() == 0:
+        import shutil
+
+        shutil.rmtree(root, ignore_errors=True)
+    return seconds, (read[0], int(total.item()))
 
 
 if __name__ == "__main__":

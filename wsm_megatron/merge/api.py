@@ -91,9 +91,9 @@ class Comm:
         self.group = None
         self.rank, self.world_size = 0, 1
         if group is None and dist.is_available() and dist.is_initialized():
-            group = dist.group.WORLD
-            if dist.get_backend(group) != "gloo":
-                group = dist.new_group(backend="gloo")
+            from wsm_megatron.runtime.distributed import world_gloo_group
+
+            group = world_gloo_group()  # made once per process (wsm-tune's --save-best too)
         if group is not None:
             self.group = group
             self.rank, self.world_size = dist.get_rank(group), dist.get_world_size(group)

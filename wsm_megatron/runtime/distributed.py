@@ -285,10 +285,12 @@ def destroy_distributed() -> None:
     """Tear down Megatron's parallel state and the process group (safe to call twice)."""
     from megatron.core import parallel_state
 
+    global _GLOO_WORLD
     if parallel_state.model_parallel_is_initialized():
         parallel_state.destroy_model_parallel()
     if dist.is_initialized():
         dist.destroy_process_group()
+    _GLOO_WORLD = None
 
 
 def decided_on_rank0(decide: Callable[[], T]) -> T:
@@ -311,3 +313,18 @@ def decided_on_rank0(decide: Callable[[], T]) -> T:
     if kind == "error":
         raise value
     return value
+
+
+_GLOO_WORLD: dist.ProcessGroup | None = None
+
+
+def world_gloo_group() -> dist.ProcessGroup:
+    """A gloo group over every rank for host-side object collectives: the world group itself
+    under gloo, else one gloo group made the first time it is asked for (every rank asks at
+    the same point) and reused for the life of the process."""
+    global _GLOO_WORLD
+    if dist.get_backend() == "gloo":
+        return dist.group.WORLD
+    if _GLOO_WORLD is None:
+        _GLOO_WORLD = dist.new_group(backend="gloo")
+    return _GLOO_WORLD

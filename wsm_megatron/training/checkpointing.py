@@ -502,7 +502,10 @@ class Checkpointer:
         )
         template = self._state_dict(saved, optimizer=load_optim, rng=load_rng, loading=True)
         loaded = dist_checkpointing.load(
-            template, str(ckpt_dir), strict=StrictHandling.ASSUME_OK_UNEXPECTED
+            template,
+            str(ckpt_dir),
+            fully_parallel_load_strategy(ckpt_dir),  # read once per data-parallel group
+            strict=StrictHandling.ASSUME_OK_UNEXPECTED,
         )
         _load_model_state(self.state.model, loaded)
         if load_optim:
