@@ -77,7 +77,6 @@ def main() -> int:
     from megatron.core import parallel_state, tensor_parallel
 
     from wsm_megatron.runtime import ParallelConfig, init_distributed
-    from wsm_megatron.snapshots.memory import GIB
     from wsm_megatron.snapshots.ring import ring_bytes
     from wsm_megatron.training.config import load_config
     from wsm_megatron.training.model import build_model
@@ -85,7 +84,6 @@ def main() -> int:
     from wsm_megatron.training.optimizer import setup_model_and_optimizer
     from wsm_megatron.training.steps import run_microbatches
 
-    tmp_root = tempfile.mkdtemp(prefix="wsm-bench-")
     with tempfile.TemporaryDirectory() as tmp:
         config = load_config(
             args.config,
@@ -137,7 +135,7 @@ def main() -> int:
     merge_s = _time(lambda: online.ring.merge_into_live(entries, (1 / n,) * n), args.repeats)
     restore_s = _time(online._restore, args.repeats)
 
-    rebuild_s, read = _rebuild(online, state.model, config, tmp_root)
+    rebuild_s, read = _rebuild(online, state.model, config)
     whole = ring_bytes(online.values, n, shard=False)
 
     interval = args.interval or config.checkpoint.save_interval or 1000
@@ -148,9 +146,9 @@ def main() -> int:
         print(
             f"online merge benchmark: {args.config} on {runtime.world_size} rank(s), {device}\n"
             f"  training step               {step_s * 1e3:10.1f} ms\n"
-            f"  ring                        {n} x {online.ring.snapshot_bytes / GIB:.4f} GiB "
-            f"= {online.ring.nbytes / GIB:.4f} GiB per rank ({len(online.values)} tensors; "
-            f"unsliced {whole / GIB:.4f} GiB)\n"
+            f"  ring                        {n} x {online.ring.snapshot_bytes / 2**20:.3f} MiB "
+            f"= {online.ring.nbytes / 2**20:.3f} MiB per rank ({len(online.values)} tensors; "
+            f"unsliced {whole / 2**20:.3f} MiB)\n"
             f"{online.describe()}\n"
             f"  rebuild of {n} checkpoints  {rebuild_s * 1e3:10.1f} ms, read {read[0] / 2**20:.2f} "
             f"MiB on rank 0, {read[1] / 2**20:.2f} MiB on all ranks\n"
@@ -166,7 +164,7 @@ def main() -> int:
     return 0
 
 
-def _rebuild(online, model, config, root: str) -> tuple[float, tuple[int, int]]:
+def _rebuild(online, model, config) -> tuple[float, tuple[int, int]]:
     """Save the ring's window as model-only checkpoints, then time a rebuild that reads them
     back as a restart does; returns its seconds and the bytes read (this rank, all ranks)."""
     from argparse import Namespace
@@ -179,6 +177,9 @@ def _rebuild(online, model, config, root: str) -> tuple[float, tuple[int, int]]:
     from wsm_megatron.snapshots.loading import load_snapshots
     from wsm_megatron.training.checkpointing import model_sharded_state_dict
 
+    box = [tempfile.mkdtemp(prefix="wsm-bench-") if dist.get_rank() == 0 else None]
+    dist.broadcast_object_list(box)  # one folder for every rank
+    root = box[0]
     iterations = list(range(1, online.ring.capacity + 1))
     for it in iterations:
         ckpt = iteration_dir(root, it)
