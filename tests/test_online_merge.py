@@ -135,7 +135,7 @@ def test_merged_evaluation_leaves_training_bitwise_unchanged(corpus_dir, tmp_pat
     assert resumed["windows"] == {8: (6, 8)}
 
 
-def _nan_in_window(budget_gb: float, node_gb: float | None = None) -> dict:
+def _nan_in_window(budget_gb: float, node_gb: float | None = None, extra: tuple = ()) -> dict:
     from wsm_megatron.runtime import ParallelConfig, init_distributed
     from wsm_megatron.testing.models import tiny_gpt
     from wsm_megatron.training.checkpointing import Progress
@@ -151,6 +151,7 @@ def _nan_in_window(budget_gb: float, node_gb: float | None = None) -> dict:
             "merge.quantity=3",
             f"merge.snapshot_memory_gb={budget_gb}",
             f"merge.node_memory_gb={'null' if node_gb is None else node_gb}",
+            *extra,
         ],
     )
     model = [tiny_gpt(seed=1)]
@@ -186,6 +187,9 @@ def test_nan_in_the_window_is_reported_with_its_iteration_and_live_values_come_b
     (node,) = run_distributed(_nan_in_window, 1, 64.0, 1e-6)
     assert node["error"].startswith("merge.node_memory_gb: the online merge's rings need ")
     assert "of host memory on node " in node["error"] and "(1 ranks)" in node["error"]
+    if not torch.cuda.is_available():
+        (gpu,) = run_distributed(_nan_in_window, 1, 64.0, None, ("merge.snapshot_device=gpu",))
+        assert gpu["error"] == "merge.snapshot_device: 'gpu' needs a GPU; use 'auto' or 'cpu'"
 
 
 @pytest.mark.parametrize(

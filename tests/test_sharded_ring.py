@@ -195,6 +195,43 @@ def test_sharded_ring_holds_a_dp_slice_and_merges_bitwise_into_every_replica(
     assert all(len(cs) > 1 for cs in by_grid.values()) == (results[0]["dp"] > 1)
 
 
+def test_staged_chunks_double_buffered_give_the_same_bits():
+    from wsm_megatron.merge.combine import combine
+    from wsm_megatron.snapshots.ring import SnapshotRing
+    from wsm_megatron.snapshots.values import ShardValue
+
+    g = torch.Generator().manual_seed(0)
+    values = [
+        ShardValue(f"t{i}", torch.randn(n, generator=g, dtype=dtype))
+        for i, (n, dtype) in enumerate(
+            [(37, torch.float32), (5, torch.bfloat16), (90, torch.float32)]
+        )
+    ]
+    live = [v.tensor for v in values]
+    rings = [
+        SnapshotRing(values, 3, torch.device("cpu"), gather_bytes=32, stage=s)
+        for s in (False, True)
+    ]
+    full = []
+    with torch.no_grad():
+        for k in range(3):
+            for t in live:
+                t.mul_(1.5).add_(k)
+            for ring in rings:
+                ring.take(k, k)
+            full.append([t.clone() for t in live])
+    reference = [torch.empty_like(t) for t in live]
+    combine(reference, full, (0.5, 0.25, 0.25))
+    assert rings[1].buckets[0].bucket.chunks > 2  # several chunks through both staging buffers
+    for ring in rings:
+        assert not ring.merge_into_live(list(ring.entries), (0.5, 0.25, 0.25))
+        assert all(torch.equal(a, b) for a, b in zip(live, reference, strict=True))
+        ring.restore_live(ring.entries[-1])
+        assert all(torch.equal(a, b) for a, b in zip(live, full[-1], strict=True))
+    with pytest.raises(ValueError, match="merge.shard_ring: 'strided' is not contiguous"):
+        SnapshotRing([ShardValue("strided", torch.zeros(4, 4).t())], 2, torch.device("cpu"))
+
+
 class _FP8Like(torch.nn.Module):
     """A module carrying Transformer Engine's ``_extra_state`` payload: a BytesIO of a pickled
     dict of FP8 scales and amax history, updated by every forward pass (as TE's FP8 recipe)."""

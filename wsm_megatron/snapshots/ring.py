@@ -113,10 +113,18 @@ class SnapshotRing:
         *,
         shard: bool = True,
         gather_bytes: int = GATHER_CHUNK_BYTES,
+        stage: bool | None = None,
     ) -> None:
+        """``stage``: copy each chunk to the compute device before combining it (default:
+        when the ring is not on the compute device; forced on CPU only to test the path)."""
         self.values = list(values)
         self.live = [v.tensor for v in self.values]
-        assert all(t.is_contiguous() for t in self.live)
+        for v in self.values:
+            if not v.tensor.is_contiguous():
+                raise ValueError(
+                    f"merge.shard_ring: {v.key!r} is not contiguous in memory, so the ring "
+                    "cannot cut it into slices; please report the model layout"
+                )
         self._flat = [t.view(-1) for t in self.live]
         self.capacity = capacity
         self.device = device
@@ -132,7 +140,7 @@ class SnapshotRing:
         self._free = list(range(capacity))
         self.entries: deque[Snapshot] = deque()
         self._slot_of: dict[int, int] = {}
-        self._staged = self.device != self.compute
+        self._staged = self.device != self.compute if stage is None else stage
         self._staging = self._allocate_staging() if self._staged else None
 
     # ------------------------------------------------------------------ set-up
