@@ -27,6 +27,7 @@ setup(
         "psutil",
         "wandb",
         "rich",
+        "xxhash",  # checksums of saved checkpoints (XXH3-64, at disk speed)
     ],
     extras_require={
         "gpu": ["transformer-engine[pytorch]", "triton"],

@@ -203,6 +203,10 @@ def test_nan_in_the_window_is_reported_with_its_iteration_and_live_values_come_b
         (["merge.every=0"], "merge.every: must be > 0"),
         (["merge.online=false", "merge.save_dir=x"], "merge.save_dir: saving merged models"),
         (["merge.snapshot_device=tpu"], "merge.snapshot_device: expected one of"),
+        (["checkpoint.save=r/c", "merge.save_dir=r/c"], "merge.save_dir: r/c is checkpoint.save"),
+        (["checkpoint.save=r/c", "merge.save_dir=r/c/m"], "merge.save_dir: r/c/m is inside"),
+        (["checkpoint.save=r/c", "merge.save_dir=r"], "merge.save_dir: r contains checkpoint"),
+        (["checkpoint.load=r/l", "merge.save_dir=r/l"], "merge.save_dir: r/l is checkpoint.load"),
     ],
 )
 def test_online_merge_config_errors_name_the_key(overrides, message):

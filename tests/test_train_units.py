@@ -84,12 +84,16 @@ def test_retention_keeps_the_merge_window_and_the_record():
     assert checkpoints_to_prune(on_disk, 700, keep_last=10) == []
     with pytest.raises(ValueError, match="keep_last must be >= 1"):
         checkpoints_to_prune(on_disk, 700, keep_last=0)
+    # Complete 10, 15, 20; 21 and 22 left incomplete by a kill; the save at 25 is the tracker's.
+    on_disk, complete = [10, 15, 20, 21, 22, 25], {10, 15, 20, 25}
+    assert checkpoints_to_prune(on_disk, 25, keep_last=3, complete=complete) == [10, 21, 22]
 
 
 def test_prune_checkpoints_on_disk(tmp_path):
     for it in (10, 20, 30, 40):
         iteration_dir(tmp_path, it).mkdir()
         (iteration_dir(tmp_path, it) / "metadata.json").write_text("{}")
+        (iteration_dir(tmp_path, it) / ".metadata").write_bytes(b"")
     (tmp_path / "elsewhere").mkdir()
     iteration_dir(tmp_path, 5).symlink_to(tmp_path / "elsewhere")
     write_tracker(tmp_path, 30)

@@ -42,6 +42,13 @@ def list_iterations(root: str | os.PathLike[str]) -> list[int]:
     return sorted(it for it in found if it is not None)
 
 
+def is_complete(root: str | os.PathLike[str], iteration: int) -> bool:
+    """Whether ``iter_<iteration>`` holds a finished save (DCP's ``.metadata`` and Megatron's
+    ``metadata.json``, both written last; a re-save removes them first)."""
+    path = iteration_dir(root, iteration)
+    return (path / "metadata.json").is_file() and (path / ".metadata").is_file()
+
+
 def read_tracker(root: str | os.PathLike[str]) -> int | None:
     """The iteration in ``ROOT/latest_checkpointed_iteration.txt``; None if there is no tracker."""
     path = Path(root) / TRACKER_FILENAME

@@ -228,17 +228,18 @@ def write_json(path: Path, data: Any) -> None:
     write_file(path, (json.dumps(data, indent=2, default=str) + "\n").encode())
 
 
-def recover_output_root(root: Path, iteration: int) -> None:
-    """Undo what a killed earlier merge into ``root/iter_<iteration>`` left behind: remove its
-    temporary directories and put back an old iteration directory it had moved aside."""
+def recover_output_root(root: Path, iteration: int | None = None) -> None:
+    """Undo what a killed earlier merge into ``root/iter_<iteration>`` (any iteration when
+    None) left behind: remove its temporary directories and put back an old iteration
+    directory it had moved aside."""
     if not root.is_dir():
         return
-    name = iteration_dirname(iteration)
-    final = root / name
+    name = iteration_dirname(iteration) if iteration is not None else "iter_"
     for entry in sorted(root.iterdir()):
-        if entry.name.startswith(f"{TMP_PREFIX}{name}-"):
+        if entry.name.startswith(f"{TMP_PREFIX}{name}"):
             shutil.rmtree(entry)
-        elif entry.name.startswith(f"{OLD_PREFIX}{name}-"):
+        elif entry.name.startswith(f"{OLD_PREFIX}{name}"):
+            final = root / entry.name[len(OLD_PREFIX) :].rsplit("-", 1)[0]
             if final.exists():
                 shutil.rmtree(entry)
             else:

@@ -19,9 +19,12 @@ from __future__ import annotations
 
 import importlib.util
 import inspect
+import os
 import random
+import time
 from argparse import Namespace
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -44,7 +47,10 @@ from megatron.core.dist_checkpointing.validation import StrictHandling
 from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
 from megatron.core.utils import unwrap_model
 
+from wsm_megatron import integrity
 from wsm_megatron.layout import (
+    TRACKER_FILENAME,
+    is_complete,
     iteration_dir,
     list_iterations,
     parse_iteration_dirname,
@@ -100,6 +106,93 @@ def resume_checkpoint(config: WSMConfig) -> tuple[Path, int] | None:
     """``(iteration directory, iteration)`` a run resumes from, or None for a fresh start,
     decided on rank 0 from its view of the file system (:func:`_find_resume_checkpoint`)."""
     return decided_on_rank0(lambda: _find_resume_checkpoint(config))
+
+
+def record_integrity(ckpt_dir: Path) -> None:
+    """Every rank hashes the files it wrote; rank 0 writes the record (a collective)."""
+    rank = dist.get_rank()
+    mine = {
+        name: integrity.digest_file(ckpt_dir / name) for name in integrity.own_files(ckpt_dir, rank)
+    }
+    found: list[dict] | None = [{}] * dist.get_world_size() if rank == 0 else None
+    dist.gather_object(mine, found, dst=0)
+    if rank == 0:
+        files: dict[str, dict] = {}
+        for part in found:
+            files.update(part)
+        integrity.write_record(ckpt_dir, files)
+
+
+def verify_checkpoint(ckpt_dir: Path) -> str | None:
+    """The first problem of ``ckpt_dir`` (one line naming the file), or None; every rank
+    checks a share of its files (a collective, the same answer on every rank)."""
+
+    def plan() -> tuple[list[str], dict | None] | str:
+        try:
+            return integrity.files_to_check(ckpt_dir)
+        except ValueError as err:
+            return str(err)
+
+    planned = decided_on_rank0(plan)
+    if isinstance(planned, str):
+        return planned
+    names, record = planned
+    rank, world = dist.get_rank(), dist.get_world_size()
+    local = integrity.check_files(ckpt_dir, names[rank::world], record)
+    problems: list[str | None] = [None] * world
+    dist.all_gather_object(problems, local)
+    return next((p for p in problems if p is not None), None)
+
+
+def choose_resume_checkpoint(config: WSMConfig, say: Any = print) -> tuple[Path, int] | None:
+    """:func:`resume_checkpoint`, verified: a damaged checkpoint is named in one line and, with
+    ``checkpoint.on_damage: fallback`` (and no ``load_iteration`` asked for), the newest older
+    complete checkpoint that verifies is taken instead, the damaged one renamed aside when it
+    lies in ``checkpoint.save``."""
+    c = config.checkpoint
+    found = resume_checkpoint(config)
+    while found is not None:
+        ckpt_dir, iteration = found
+        problem = verify_checkpoint(ckpt_dir)
+        if problem is None:
+            return found
+        line = f"checkpoint: iteration {iteration} is damaged: {problem}"
+        if c.on_damage == "stop" or c.load_iteration is not None:
+            raise ValueError(f"{line} (checkpoint.on_damage: {c.on_damage})")
+        found = decided_on_rank0(partial(_set_aside_and_fall_back, config, iteration))
+        where = "nothing older verifies" if found is None else f"iteration {found[1]}"
+        say(f"  WARNING: {line}; falling back to {where} (checkpoint.on_damage: fallback)")
+        if found is None:
+            raise ValueError(f"{line}; no older complete checkpoint under {c.load_dir}")
+    return None
+
+
+def _set_aside_and_fall_back(config: WSMConfig, damaged: int) -> tuple[Path, int] | None:
+    """On rank 0: rename a damaged checkpoint of ``checkpoint.save`` out of the ``iter_*``
+    namespace (kept, never deleted) and name the next older complete checkpoint."""
+    c = config.checkpoint
+    root = Path(c.load_dir)
+    path = iteration_dir(root, damaged)
+    if c.save is not None and root.resolve() == Path(c.save).resolve() and path.is_dir():
+        os.replace(path, root / f"{path.name}.damaged-{int(time.time())}")
+    older = [it for it in list_iterations(root) if it < damaged and is_complete(root, it)]
+    return (iteration_dir(root, older[-1]), older[-1]) if older else None
+
+
+def recover_roots(config: WSMConfig) -> None:
+    """Before resuming, on rank 0: remove what killed writes left in the run's folders (tracker
+    temporary files; in ``merge.save_dir`` the temporary folders of unfinished merged saves,
+    and a merged model moved aside by an unfinished replacement put back)."""
+    from wsm_megatron.merge.writer import recover_output_root
+
+    if dist.get_rank() == 0:
+        for root in (config.checkpoint.save, config.merge.save_dir):
+            if root is not None and Path(root).is_dir():
+                for tmp in Path(root).glob(f".{TRACKER_FILENAME}.*.tmp"):
+                    tmp.unlink(missing_ok=True)
+        if config.merge.save_dir is not None:
+            recover_output_root(Path(config.merge.save_dir))
+    dist.barrier()
 
 
 def _find_resume_checkpoint(config: WSMConfig) -> tuple[Path, int] | None:
@@ -264,6 +357,12 @@ def _set_rng_state(states: list[dict[str, Any]]) -> None:
     tensor_parallel.get_cuda_rng_tracker().set_states(state["rng_tracker_states"])
 
 
+def _forget_completion(ckpt_dir: Path) -> None:
+    """Remove the files that mark ``ckpt_dir`` complete (before writing into it again)."""
+    for name in (integrity.INTEGRITY_FILENAME, "metadata.json", ".metadata"):
+        (ckpt_dir / name).unlink(missing_ok=True)
+
+
 def _content_metadata(distributed_optimizer: bool) -> dict[str, Any]:
     """What Megatron-LM's ``_build_sharded_state_dict_metadata`` passes to sharded_state_dict."""
     metadata: dict[str, Any] = {"singleton_local_shards": False, "chained_optim_avoid_prefix": True}
@@ -343,7 +442,7 @@ class Checkpointer:
         self.queue = AsyncCallsQueue() if self.async_save else None
         self.metadata = _content_metadata(state.distributed_optimizer)
         self.last_saved: int | None = None
-        self._save_strategy: Any = None
+        self._save_strategies: dict[str, Any] = {}
         self.pruner = BackgroundPruner()
 
     def due(self, progress: Progress, samples_this_iteration: int) -> bool:
@@ -380,17 +479,19 @@ class Checkpointer:
         ckpt_dir = iteration_dir(root, progress.iteration)
         if dist.get_rank() == 0:
             ckpt_dir.mkdir(parents=True, exist_ok=True)
+            _forget_completion(ckpt_dir)  # a torn re-save must not look complete
         dist.barrier()
         iteration = progress.iteration
 
         def finalize() -> None:
+            record_integrity(ckpt_dir)
             if dist.get_rank() == 0:
                 write_tracker(root, iteration)
                 self._prune(root)
 
         with params_synced(self.state):
             state_dict = self._state_dict(progress, optimizer=True, rng=True, loading=False)
-            self._write(state_dict, ckpt_dir, finalize)
+            self._write(state_dict, ckpt_dir, finalize, "training")
         self.last_saved = iteration
 
     def save_merged(self, progress: Progress, root: str | Path, info: dict[str, Any]) -> None:
@@ -419,18 +520,23 @@ class Checkpointer:
         def finalize() -> None:
             if dist.get_rank() == 0:
                 write_json(tmp_dir / MERGE_INFO_FILENAME, info)
+            record_integrity(tmp_dir)
+            if dist.get_rank() == 0:
                 publish(tmp_dir, root, progress.iteration, overwrite=True)
+                m = self.config.merge
+                if m.keep_last or m.keep_every:  # merged models' own retention
+                    self.pruner.submit(root, m.keep_last or 10**9, m.keep_every)
 
         with params_synced(self.state):
-            self._write(state_dict, tmp_dir, finalize)
+            self._write(state_dict, tmp_dir, finalize, "merged")
 
-    def _write(self, state_dict: dict, ckpt_dir: Path, finalize: Any) -> None:
+    def _write(self, state_dict: dict, ckpt_dir: Path, finalize: Any, kind: str) -> None:
         """``dist_checkpointing.save`` into ``ckpt_dir``, then ``finalize`` once every rank
         has written (in the background with async saves)."""
         request = dist_checkpointing.save(
             state_dict,
             str(ckpt_dir),
-            self._strategy(),
+            self._strategy(kind),
             async_sharded_save=self.async_save,
             content_metadata=_serializable(self.metadata),
             **(_async_strategy_kwargs() if self.async_save else {}),
@@ -443,8 +549,11 @@ class Checkpointer:
             finalize()
             dist.barrier()
 
-    def _strategy(self) -> Any:
-        if self._save_strategy is None:
+    def _strategy(self, kind: str) -> Any:
+        """The save strategy of ``kind`` (``training`` or ``merged``): one each, because the
+        fully parallel wrapper caches the split of the first state dict it saves, and a
+        model-only save's split would leave the optimizer state unwritten."""
+        if kind not in self._save_strategies:
             strategy = get_default_save_sharded_strategy()
             if parallel_state.get_data_parallel_world_size() > 1:
                 strategy = FullyParallelSaveStrategyWrapper(
@@ -452,8 +561,8 @@ class Checkpointer:
                     parallel_state.get_data_parallel_group(with_context_parallel=True),
                     True,
                 )
-            self._save_strategy = strategy
-        return self._save_strategy
+            self._save_strategies[kind] = strategy
+        return self._save_strategies[kind]
 
     def _prune(self, root: Path) -> None:
         """Hand retention's deletions to the background worker (rank 0, after the tracker)."""
@@ -472,14 +581,9 @@ class Checkpointer:
             self.pruner.drain()
 
     # ------------------------------------------------------------------ resume
-    def load(self) -> Progress | None:
-        """Resume from ``checkpoint.load`` (default ``checkpoint.save``); None: nothing to load.
-
-        An explicit ``checkpoint.load`` without a checkpoint is an error (a branch must not
-        silently start from scratch); an empty ``save`` directory simply starts a new run.
-        """
+    def load(self, found: tuple[Path, int] | None) -> Progress | None:
+        """Resume from ``found`` (:func:`choose_resume_checkpoint`); None: nothing to load."""
         c = self.config.checkpoint
-        found = resume_checkpoint(self.config)
         if found is None:
             return None
         ckpt_dir, _ = found

@@ -131,14 +131,21 @@ class OnlineMerge:
         """Whether the save at ``progress`` is a merge point: every ``merge.every``-th save
         interval (counted from the start of the run, so a restart changes nothing) and the end
         of training, once the ring (with this save) holds two snapshots."""
+        return len(self.ring) + 1 >= 2 and self._scheduled(progress)
+
+    def was_due(self, progress: Progress) -> bool:
+        """Whether the save at ``progress``, already in the ring (a resumed one), was a merge
+        point."""
+        return len(self.ring) >= 2 and self._scheduled(progress)
+
+    def _scheduled(self, progress: Progress) -> bool:
         c = self.config.checkpoint
         if c.save_interval is not None:
             saves = progress.iteration // c.save_interval
         else:
             saves = self.position(progress) // c.save_interval_tokens
         every = saves % self.config.merge.every == 0
-        last = progress.iteration == self.config.train.train_iters
-        return len(self.ring) + 1 >= 2 and (every or last)
+        return every or progress.iteration == self.config.train.train_iters
 
     def on_save(self, progress: Progress) -> None:
         """Snapshot what was just saved."""

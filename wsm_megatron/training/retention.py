@@ -4,7 +4,8 @@ Pruning runs on one rank after the tracker file points at a new checkpoint, on a
 thread (:class:`BackgroundPruner`), so no save waits while old checkpoints are deleted. It only
 ever removes iterations older than the tracker's (so never the checkpoint being written, nor the
 one a restart would resume from), keeps the newest ``keep_last`` complete ones and every
-iteration that is a multiple of ``keep_every``. A checkpoint is first renamed out of the
+complete iteration that is a multiple of ``keep_every``, and removes incomplete folders older
+than the tracker (what killed saves left). A checkpoint is first renamed out of the
 ``iter_*`` namespace, then deleted: a half-deleted folder never looks like a checkpoint. A
 failed delete is a warning, never an error.
 """
@@ -18,22 +19,29 @@ import sys
 import threading
 from pathlib import Path
 
-from wsm_megatron.layout import iteration_dir, list_iterations, read_tracker
+from wsm_megatron.layout import is_complete, iteration_dir, list_iterations, read_tracker
 
 DELETING_PREFIX = ".deleting-"
 
 
 def checkpoints_to_prune(
-    iterations: list[int], tracker: int, keep_last: int, keep_every: int | None = None
+    iterations: list[int],
+    tracker: int,
+    keep_last: int,
+    keep_every: int | None = None,
+    complete: set[int] | None = None,
 ) -> list[int]:
-    """The iterations to delete, given those on disk and the tracker's (pure, for testing)."""
+    """The iterations to delete, given those on disk, the tracker's and which are complete
+    (default: all; pure, for testing). Only complete checkpoints count towards ``keep_last``;
+    an incomplete folder older than the tracker is the leftover of a killed save: deleted."""
     if keep_last < 1:
         raise ValueError(f"keep_last must be >= 1, got {keep_last}")
-    done = sorted(it for it in iterations if it <= tracker)
+    complete = set(iterations) if complete is None else complete
+    done = sorted(it for it in iterations if it <= tracker and it in complete)
     keep = set(done[-keep_last:]) | {tracker}
     if keep_every:
         keep |= {it for it in done if it % keep_every == 0}
-    return [it for it in done if it not in keep and it < tracker]
+    return [it for it in iterations if it < tracker and it not in keep]
 
 
 def prune_checkpoints(root: str | Path, keep_last: int, keep_every: int | None = None) -> list[int]:
@@ -44,7 +52,9 @@ def prune_checkpoints(root: str | Path, keep_last: int, keep_every: int | None =
     if tracker is None:
         return []
     removed = []
-    for iteration in checkpoints_to_prune(list_iterations(root), tracker, keep_last, keep_every):
+    on_disk = list_iterations(root)
+    complete = {it for it in on_disk if is_complete(root, it)}
+    for iteration in checkpoints_to_prune(on_disk, tracker, keep_last, keep_every, complete):
         path = iteration_dir(root, iteration)
         if path.is_symlink():  # a link points at a checkpoint someone keeps elsewhere
             continue

@@ -47,9 +47,10 @@ from wsm_megatron.training.callbacks import (
 from wsm_megatron.training.checkpointing import (
     Checkpointer,
     Progress,
+    choose_resume_checkpoint,
     load_model_only,
+    recover_roots,
     resolve_checkpoint,
-    resume_checkpoint,
 )
 from wsm_megatron.training.config import WSMConfig, resolve_corpus
 from wsm_megatron.training.evaluate import ValidBatches, evaluate
@@ -279,10 +280,11 @@ def _resume(
     """Resume from the newest checkpoint (``pre_resume`` first: the online merge rebuilds its
     ring from the window's checkpoints on disk)."""
     c = config.checkpoint
-    found = resume_checkpoint(config)
+    recover_roots(config)
+    found = choose_resume_checkpoint(config, logger.print)
     if found is not None and not c.finetune:
         callbacks.pre_resume(found[1])
-    progress = checkpointer.load() or Progress()
+    progress = checkpointer.load(found) or Progress()
     if progress.iteration:
         logger.print(
             f"  resumed from {c.load_dir} at iteration {progress.iteration} "

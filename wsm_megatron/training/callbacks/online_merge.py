@@ -11,16 +11,32 @@ from __future__ import annotations
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from functools import partial
+from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar
 
 import torch
 
+from wsm_megatron.layout import is_complete, read_tracker, write_tracker
+from wsm_megatron.runtime import decided_on_rank0
 from wsm_megatron.training.callbacks.base import Callback
 from wsm_megatron.training.callbacks.evaluation import ValidRecord
 from wsm_megatron.training.checkpointing import Checkpointer, Progress
 from wsm_megatron.training.config import WSMConfig
 from wsm_megatron.training.loggers import MetricsLogger
 from wsm_megatron.training.online_merge import MergePoint, OnlineMerge
+
+
+def _merged_missing(root: Path, iteration: int) -> bool:
+    """On rank 0: whether ``root`` lacks the complete merged model of ``iteration``; a
+    complete one the tracker does not name yet (killed between the two) is named now."""
+    if is_complete(root, iteration):
+        tracker = read_tracker(root)
+        if tracker is None or tracker < iteration:
+            write_tracker(root, iteration)
+        return False
+    return True
+
 
 if TYPE_CHECKING:
     from wsm_megatron.training.trainer import TrainResult
@@ -77,7 +93,21 @@ class OnlineMergeCallback(Callback):
             )
 
     def post_checkpoint_loaded(self, progress: Progress) -> None:
+        """Take the resumed checkpoint into the ring; if it was a merge point whose merged
+        model never got published (the run stopped in between), form and save it now."""
         self.online.on_resume(progress)
+        save_dir = self.config.merge.save_dir
+        if save_dir is None or not self.online.was_due(progress):
+            return
+        it = progress.iteration
+        if not decided_on_rank0(partial(_merged_missing, Path(save_dir), it)):
+            return
+        self.logger.print(
+            f"  online merge: the merged model of iteration {it} is not in {save_dir} (the run "
+            "stopped before it was published); forming it again from the rebuilt ring"
+        )
+        self._merge(progress)
+        self.record.flush(it)
 
     def pre_optim_step(self) -> None:
         self.online.fence()  # snapshot copies in flight finish before the weights change
@@ -85,8 +115,10 @@ class OnlineMergeCallback(Callback):
     def post_checkpoint_saved(self, progress: Progress) -> None:
         merging = self.due(progress)  # counts the ring without this save's snapshot
         self.online.on_save(progress)
-        if not merging:
-            return
+        if merging:
+            self._merge(progress)
+
+    def _merge(self, progress: Progress) -> None:
         it = progress.iteration
         metrics = self._merge_point(progress)
         self.record.update(metrics)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Literal
 
 from wsm_megatron.training.config.errors import ConfigError, _positive
 
@@ -34,6 +35,9 @@ class CheckpointConfig:
     no_load_rng: bool = False
     finetune: bool = False
     """Load weights only and start at iteration 0 with fresh data position, optimizer and RNG."""
+    on_damage: Literal["fallback", "stop"] = "fallback"
+    """A resume checkpoint that fails verification (sizes, checksums): ``fallback`` names it
+    and resumes from the newest older one that verifies; ``stop`` refuses to start."""
 
     def __post_init__(self) -> None:
         _positive(

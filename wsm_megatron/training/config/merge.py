@@ -47,6 +47,10 @@ class MergeConfig:
     node_memory_gb: float | None = None
     """The host memory the rings of a node may take; ``null``: half the node's physical memory."""
     save_dir: str | None = None
+    keep_last: int | None = None
+    """Retention of merged models under ``save_dir``: the newest this many (default: all)."""
+    keep_every: int | None = None
+    """... and every merged model whose iteration is a multiple of this."""
 
     def __post_init__(self) -> None:
         _positive(
@@ -56,6 +60,8 @@ class MergeConfig:
             every=self.every,
             snapshot_memory_gb=self.snapshot_memory_gb,
             node_memory_gb=self.node_memory_gb,
+            keep_last=self.keep_last,
+            keep_every=self.keep_every,
         )
         if not 0 < self.gpu_memory_share <= 1:
             raise ConfigError(
@@ -77,6 +83,8 @@ class MergeConfig:
             raise ConfigError(message) from None
         if self.save_dir is not None and not self.online:
             raise ConfigError("merge.save_dir: saving merged models needs merge.online=true")
+        if (self.keep_last or self.keep_every) and self.save_dir is None:
+            raise ConfigError("merge.keep_last: retention of merged models needs merge.save_dir")
 
     def weighting(self) -> Any:
         """The merge weights, as ``wsm-merge`` resolves them (one rule for both)."""

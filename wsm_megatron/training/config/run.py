@@ -35,6 +35,7 @@ class WSMConfig:
         validation.check_parallel_layout(self)
         validation.check_position_embeddings(self)
         validation.check_merge_window(self)
+        validation.check_merged_outputs_apart(self)
         validation.check_evaluation(self)
 
     @property

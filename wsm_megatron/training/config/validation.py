@@ -5,6 +5,7 @@ Each raises :class:`ConfigError` naming the key to change; they run in this file
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 from wsm_megatron.training.config.checkpoint import interval_unset
@@ -108,6 +109,31 @@ def check_merge_window(config: WSMConfig) -> None:
                 "merge.quantity: the online merge needs a window of at least 2 checkpoints "
                 f"(merge.quantity or merge.window; got {config.merge_quantity})"
             )
+
+
+def check_merged_outputs_apart(config: WSMConfig) -> None:
+    """``merge.save_dir`` neither is, nor holds, nor lies inside a training checkpoint folder:
+    a merged (model-only) checkpoint would replace the training checkpoint of its iteration."""
+    if config.merge.save_dir is None:
+        return
+    merged = Path(config.merge.save_dir).expanduser().resolve()
+    c = config.checkpoint
+    for key, folder in (("checkpoint.save", c.save), ("checkpoint.load", c.load)):
+        if folder is None:
+            continue
+        training = Path(folder).expanduser().resolve()
+        if merged == training:
+            where = "is"
+        elif merged.is_relative_to(training):
+            where = "is inside"
+        elif training.is_relative_to(merged):
+            where = "contains"
+        else:
+            continue
+        raise ConfigError(
+            f"merge.save_dir: {config.merge.save_dir} {where} {key} ({folder}); merged models "
+            "would replace or mix with the training checkpoints: choose a folder apart"
+        )
 
 
 def check_evaluation(config: WSMConfig) -> None:
