@@ -11,6 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from wsm_megatron.cli.merge import main as merge_main
 from wsm_megatron.layout import iteration_dir, list_iterations, read_tracker
 from wsm_megatron.testing.checkpoints import load_dcp_tensors
 from wsm_megatron.testing.distributed import run_distributed
@@ -95,7 +96,7 @@ def _flip_a_bit(path: Path) -> None:
 
 
 def test_a_damaged_newest_checkpoint_is_named_and_the_run_falls_back(
-    uninterrupted, corpus_dir, tmp_path
+    uninterrupted, corpus_dir, tmp_path, capsys
 ):
     _, _, ref_ckpts, _ = uninterrupted
     args = _args(corpus_dir, tmp_path)
@@ -103,6 +104,14 @@ def test_a_damaged_newest_checkpoint_is_named_and_the_run_falls_back(
     newest = iteration_dir(tmp_path / "ckpts", 8)
     shard = sorted(newest.glob("__1_*.distcp"))[0]
     _flip_a_bit(shard)
+    # wsm-merge refuses the damaged input in one line, before writing anything.
+    out = tmp_path / "offline"
+    argv = ["--input", str(tmp_path / "ckpts"), "--output", str(out), "--last", "3"]
+    assert merge_main([*argv, "--no-progress"]) == 1  # a failed merge, as wsm-merge exits
+    assert f"input checkpoint damaged: iter_0000008/{shard.name}: checksum mismatch" in (
+        capsys.readouterr().err
+    )
+    assert not out.exists() or not list_iterations(out)
     # Refused in one line with on_damage: stop ...
     with pytest.raises(RuntimeError) as err:
         run_distributed(train_summary, 2, [*args, "checkpoint.on_damage=stop"])

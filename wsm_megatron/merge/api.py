@@ -643,6 +643,8 @@ def merge(config: MergeConfig, *, group: Any = None) -> MergeResult:
             raise local_error
         if status == "error":
             raise MergeError(plan)
+        inputs = [c.path for c in prepared.inputs] if comm.rank == 0 else None
+        verify_inputs(comm, comm.broadcast(inputs))
         desc = "wsm-merge" + (f" (rank 0 of {comm.world_size})" if comm.world_size > 1 else "")
         progress = Progress(plan.read_bytes, enabled=config.progress and comm.rank == 0, desc=desc)
         try:
@@ -674,6 +676,34 @@ def merge(config: MergeConfig, *, group: Any = None) -> MergeResult:
     finally:
         if prepared is not None:
             prepared.release()
+
+
+def verify_inputs(comm: Comm, paths: list[Path]) -> None:
+    """Check every input's files against its integrity record (sizes and checksums; without
+    one, sizes against ``.metadata``), each rank a share; a damaged input is one
+    :class:`MergeError` naming the file, on every rank, before anything is written."""
+    from wsm_megatron import integrity
+
+    plans = None
+    if comm.rank == 0:
+        try:
+            plans = ("ok", [integrity.files_to_check(p) for p in paths])
+        except ValueError as err:
+            plans = ("error", str(err))
+    status, plans = comm.broadcast(plans)
+    problem = plans if status == "error" else None
+    if problem is None:
+        pairs = zip(paths, plans, strict=True)
+        work = [(p, name, record) for p, (names, record) in pairs for name in names]
+        for path, name, record in work[comm.rank :: comm.world_size]:
+            problem = integrity.check_files(path, [name], record)
+            if problem is not None:
+                break
+    found = comm.gather(problem)
+    first = None if comm.rank else next((f for f in found if f is not None), None)
+    first = comm.broadcast(first)
+    if first is not None:
+        raise MergeError(f"input checkpoint damaged: {first}; merge the checkpoints that verify")
 
 
 def _message(err: BaseException) -> str:

@@ -402,13 +402,20 @@ def fully_parallel_load_strategy(ckpt_dir: str | Path) -> Any:
     return FullyParallelLoadStrategyWrapper(get_default_load_sharded_strategy(str(ckpt_dir)), group)
 
 
-def load_model_only(model: list[torch.nn.Module], path: str | Path) -> int:
+def load_model_only(
+    model: list[torch.nn.Module], path: str | Path, *, verified: bool = False
+) -> int:
     """Load just the weights (``--no-load-optim --no-load-rng``), e.g. a merged checkpoint,
-    read once per data-parallel group (:func:`fully_parallel_load_strategy`).
+    read once per data-parallel group (:func:`fully_parallel_load_strategy`), after checking
+    its files (:func:`verify_checkpoint`; skipped when the caller already did: ``verified``).
 
     ``path`` is a checkpoint root or an ``iter_*`` directory; returns its iteration.
     """
     ckpt_dir, iteration = resolve_checkpoint(path)
+    if not verified:
+        problem = verify_checkpoint(ckpt_dir)
+        if problem is not None:
+            raise ValueError(f"checkpoint {ckpt_dir} is damaged: {problem}")
     sharded = model_sharded_state_dict(model)
     loaded = dist_checkpointing.load(
         sharded,

@@ -31,7 +31,7 @@ from wsm_megatron.snapshots.memory import check_ring_memory, gather_ring_memory,
 from wsm_megatron.snapshots.ring import SnapshotRing, ring_bytes
 from wsm_megatron.snapshots.values import extra_state_kept, shard_values
 from wsm_megatron.theory import MergeWeights
-from wsm_megatron.training.checkpointing import Progress
+from wsm_megatron.training.checkpointing import Progress, verify_checkpoint
 from wsm_megatron.training.config import WSMConfig
 
 
@@ -71,6 +71,8 @@ class OnlineMerge:
         self.ring = SnapshotRing(self.values, capacity, device, shard=m.shard_ring)
         self.weighting = m.weighting()
         self.last_point: MergePoint | None = None
+        self.damaged: dict[int, str] = {}
+        """Window checkpoints the last rebuild skipped, and why."""
 
     @property
     def ring_bytes(self) -> int:
@@ -116,7 +118,10 @@ class OnlineMerge:
             return complete[-keep:]
 
         older = decided_on_rank0(window)
-        load_snapshots(self.model, self.ring, root, older, self.config.seq_length)
+        damaged = {it: verify_checkpoint(iteration_dir(root, it)) for it in older}
+        self.damaged = {it: problem for it, problem in damaged.items() if problem is not None}
+        older = [it for it in older if it not in self.damaged]
+        load_snapshots(self.model, self.ring, root, older, self.config.seq_length, verified=True)
         interval = self.config.checkpoint.save_interval
         if interval is None:
             return older, []

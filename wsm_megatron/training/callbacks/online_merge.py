@@ -86,10 +86,13 @@ class OnlineMergeCallback(Callback):
         self.logger.print(
             f"  online merge: ring rebuilt from {root} (iterations {rebuilt + [resume_iteration]})"
         )
+        for it, problem in self.online.damaged.items():
+            self.logger.print(f"  WARNING: online merge: skipping iteration {it}: {problem}")
         if missing:
             self.logger.print(
                 f"  WARNING: online merge: the window's checkpoints {missing} are not under "
-                f"{root}; merges use the {len(rebuilt) + 1} present until the window refills"
+                f"{root} (or damaged); merges use the {len(rebuilt) + 1} present until the "
+                "window refills"
             )
 
     def post_checkpoint_loaded(self, progress: Progress) -> None:
