@@ -144,3 +144,35 @@ def test_truncated_files_are_found_with_or_without_the_record(uninterrupted, cor
     os.truncate(common, 10)  # covered by 6's checksums: the fallback goes on to 4
     resumed = run_distributed(train_summary, 2, args)
     assert resumed[0]["resumed_from"] == 4 and resumed[0]["iteration"] == 8
+
+
+def _train_with_file_size_limit(overrides: list[str], limit: int) -> dict:
+    """Train with every file this process writes from the first save on limited to ``limit``
+    bytes (``ulimit -f``; the corpus cache and logs before it are not limited)."""
+    import resource
+    import signal
+
+    from wsm_megatron.training.checkpointing import Checkpointer
+
+    save = Checkpointer.save
+
+    def limited_save(self, progress):
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # a write past the limit: EFBIG
+        resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
+        return save(self, progress)
+
+    Checkpointer.save = limited_save
+    return train_summary(overrides)
+
+
+def test_a_write_the_file_system_refuses_is_one_line_naming_the_path(corpus_dir, tmp_path):
+    args = _args(corpus_dir, tmp_path, 4)
+    with pytest.raises(RuntimeError) as err:
+        run_distributed(_train_with_file_size_limit, 2, args, 64 * 1024)
+    text = str(err.value)
+    line = next(x for x in text.splitlines() if x.startswith("ValueError: checkpoint.save"))
+    assert line == (
+        f"ValueError: checkpoint.save: cannot write {iteration_dir(tmp_path / 'ckpts', 2)}: "
+        "File too large (the file-size limit, ulimit -f, is 65536 bytes); no complete "
+        "checkpoint exists yet"
+    )

@@ -53,13 +53,35 @@ MERGE_INFO_FILENAME = "merge_info.json"
 LOCK_FILENAME = ".wsm-merge.lock"
 
 
+def nested_errors(err: BaseException) -> Iterator[BaseException]:
+    """``err`` and every exception inside it: causes, contexts, arguments, and the per-rank
+    failures a DCP ``CheckpointException`` collects (as ``(exception, traceback)``)."""
+    stack, seen = [err], set()
+    while stack:
+        e = stack.pop()
+        if id(e) in seen:
+            continue
+        seen.add(id(e))
+        yield e
+        failures = getattr(e, "failures", None)
+        nested = list(failures.values()) if isinstance(failures, dict) else []
+        nested += [e.__cause__, e.__context__, *e.args]
+        for n in nested:
+            n = n[0] if isinstance(n, tuple) and n else n
+            if isinstance(n, BaseException):
+                stack.append(n)
+
+
+def os_error_of(err: BaseException) -> OSError | None:
+    """The OS error behind ``err`` (torch wraps e.g. a full disk's ``OSError`` in a
+    ``RuntimeError``; DCP collects each rank's failure in a ``CheckpointException``)."""
+    return next((e for e in nested_errors(err) if isinstance(e, OSError)), None)
+
+
 def write_error(path: Path, err: BaseException) -> MergeError:
-    """One line for a failed write of ``path``, naming the OS error behind it (torch wraps
-    e.g. a full disk's ``OSError`` in a ``RuntimeError``)."""
-    cause: BaseException | None = err
-    while cause is not None and not isinstance(cause, OSError):
-        cause = cause.__cause__ or cause.__context__
-    reason = cause.strerror if isinstance(cause, OSError) and cause.strerror else str(err)
+    """One line for a failed write of ``path``, naming the OS error behind it."""
+    cause = os_error_of(err)
+    reason = cause.strerror if cause is not None and cause.strerror else str(err)
     return MergeError(f"cannot write {path}: {reason}")
 
 

@@ -46,6 +46,7 @@ from megatron.core.dist_checkpointing.strategies.fully_parallel import (
 from megatron.core.dist_checkpointing.validation import StrictHandling
 from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
 from megatron.core.utils import unwrap_model
+from torch.distributed.checkpoint.api import CheckpointException
 
 from wsm_megatron import integrity
 from wsm_megatron.layout import (
@@ -357,6 +358,34 @@ def _set_rng_state(states: list[dict[str, Any]]) -> None:
     tensor_parallel.get_cuda_rng_tracker().set_states(state["rng_tracker_states"])
 
 
+_WRITER_FAILURES = ("file write failed", "unexpected pos", "Worker failure")
+
+
+def _refused_write(ckpt_dir: Path, err: BaseException) -> OSError | None:
+    """Why the file system refused a write that torch's writer reported without its errno
+    (``PytorchStreamWriter``: "file write failed", "unexpected pos"): a full disk, the
+    file-size limit or permissions, as this process sees them now; None for anything else."""
+    import errno
+    import resource
+    import shutil
+
+    from wsm_megatron.merge.writer import nested_errors
+
+    messages = [str(e) for e in nested_errors(err)]
+    if not any(text in m for m in messages for text in _WRITER_FAILURES):
+        return None
+    if shutil.disk_usage(ckpt_dir).free < 2**20:
+        return OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+    soft, _ = resource.getrlimit(resource.RLIMIT_FSIZE)
+    if soft != resource.RLIM_INFINITY:
+        return OSError(
+            errno.EFBIG, f"File too large (the file-size limit, ulimit -f, is {soft} bytes)"
+        )
+    if not os.access(ckpt_dir, os.W_OK):
+        return OSError(errno.EACCES, os.strerror(errno.EACCES))
+    return None
+
+
 def _forget_completion(ckpt_dir: Path) -> None:
     """Remove the files that mark ``ckpt_dir`` complete (before writing into it again)."""
     for name in (integrity.INTEGRITY_FILENAME, "metadata.json", ".metadata"):
@@ -540,14 +569,17 @@ class Checkpointer:
     def _write(self, state_dict: dict, ckpt_dir: Path, finalize: Any, kind: str) -> None:
         """``dist_checkpointing.save`` into ``ckpt_dir``, then ``finalize`` once every rank
         has written (in the background with async saves)."""
-        request = dist_checkpointing.save(
-            state_dict,
-            str(ckpt_dir),
-            self._strategy(kind),
-            async_sharded_save=self.async_save,
-            content_metadata=_serializable(self.metadata),
-            **(_async_strategy_kwargs() if self.async_save else {}),
-        )
+        try:
+            request = dist_checkpointing.save(
+                state_dict,
+                str(ckpt_dir),
+                self._strategy(kind),
+                async_sharded_save=self.async_save,
+                content_metadata=_serializable(self.metadata),
+                **(_async_strategy_kwargs() if self.async_save else {}),
+            )
+        except (Exception, CheckpointException) as err:  # DCP's is a BaseException
+            raise self._write_failed(ckpt_dir, err, kind) from None
         if self.async_save:
             request.add_finalize_fn(finalize)
             self.queue.schedule_async_request(request)
@@ -555,6 +587,31 @@ class Checkpointer:
             dist.barrier()
             finalize()
             dist.barrier()
+
+    def _write_failed(self, ckpt_dir: Path, err: BaseException, kind: str) -> BaseException:
+        """One line for a save that the file system refused (no space, file too large,
+        permission), with what is still intact; any other failure keeps its traceback.
+
+        DCP raises a failed write on every rank together, with the cause only where it was
+        seen: the ranks agree on it (one small all-gather)."""
+        from wsm_megatron.merge.writer import os_error_of, write_error
+
+        found = os_error_of(err) or _refused_write(ckpt_dir, err)
+        causes: list[OSError | None] = [None] * dist.get_world_size()
+        dist.all_gather_object(causes, found)
+        cause = next((c for c in causes if c is not None), None)
+        if cause is None:
+            return err
+        tracker = read_tracker(self.config.checkpoint.save)
+        intact = (
+            "the training checkpoints are intact"
+            if kind == "merged"
+            else f"the newest complete checkpoint is iteration {tracker}"
+            if tracker is not None
+            else "no complete checkpoint exists yet"
+        )
+        key = "merge.save_dir" if kind == "merged" else "checkpoint.save"
+        return ValueError(f"{key}: {write_error(ckpt_dir, cause)}; {intact}")
 
     def _strategy(self, kind: str) -> Any:
         """The save strategy of ``kind`` (``training`` or ``merged``): one each, because the
