@@ -281,15 +281,15 @@ def test_valid_iterator_repeats_the_same_batches(corpus, tokenizer, tmp_path):
         ({"train_data": ["-1", "a"]}, r"train_data: weight '-1' at entry 0 must be > 0"),
         ({"train_data": ["0.5", "a", "0.5"]}, r"train_data: .*odd number"),
         ({"train_data": []}, r"train_data: the blend is empty"),
-        ({"split": "90;10"}, r"DataConfig.split"),
+        ({"split": "90;10"}, r"data.split"),
         (
             {"anneal_data": ["a"], "anneal_start_iteration": 1, "anneal_start_tokens": 5},
             r"at most one of anneal_start_iteration and anneal_start_tokens",
         ),
         ({"anneal_data": ["a"]}, r"anneal_data: set anneal_start_iteration or"),
         ({"anneal_start_tokens": 5}, r"anneal_start_tokens: set anneal_data too"),
-        ({"seq_length": 0}, r"DataConfig.seq_length"),
-        ({"num_workers": -1}, r"DataConfig.num_workers: must be an integer >= 0, got -1"),
+        ({"seq_length": 0}, r"data.seq_length"),
+        ({"num_workers": -1}, r"data.num_workers: must be an integer >= 0, got -1"),
     ],
 )
 def test_config_errors(kwargs, message):

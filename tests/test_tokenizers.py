@@ -141,26 +141,26 @@ def test_preprocess_with_each_type(files, tmp_path, capsys):
     [
         (
             {"tokenizer_type": "GPT2Tokenizer"},
-            "DataConfig.tokenizer_type: unknown tokenizer type 'GPT2Tokenizer' (valid: "
+            "data.tokenizer_type: unknown tokenizer type 'GPT2Tokenizer' (valid: "
             "SentencePieceTokenizer, HuggingFaceTokenizer, GPT2BPETokenizer)",
         ),
         (
             {"tokenizer_type": "GPT2BPETokenizer", "vocab_file": "v.json"},
-            "DataConfig.merge_file: required by tokenizer type GPT2BPETokenizer",
+            "data.merge_file: required by tokenizer type GPT2BPETokenizer",
         ),
         (
             {"tokenizer_type": "HuggingFaceTokenizer"},
-            "DataConfig.tokenizer_model: required by tokenizer type HuggingFaceTokenizer",
+            "data.tokenizer_model: required by tokenizer type HuggingFaceTokenizer",
         ),
         (
             {"tokenizer_model": "spm.model", "merge_file": "m.txt"},
-            "DataConfig.merge_file: not used by tokenizer type SentencePieceTokenizer (it takes "
-            "DataConfig.tokenizer_model)",
+            "data.merge_file: not used by tokenizer type SentencePieceTokenizer (it takes "
+            "data.tokenizer_model)",
         ),
         (
             {"tokenizer_model": "t.json", "vocab_file": "v.json", "merge_file": "m.txt"},
-            "DataConfig.vocab_file: not used by tokenizer type HuggingFaceTokenizer (it takes "
-            "DataConfig.tokenizer_model)",
+            "data.vocab_file: not used by tokenizer type HuggingFaceTokenizer (it takes "
+            "data.tokenizer_model)",
         ),
     ],
 )
@@ -184,10 +184,10 @@ def test_missing_files_are_named(files, tmp_path, capsys):
     for check in (config.check_paths, lambda: build_tokenizer(config)):
         with pytest.raises(ValueError) as err:
             check()
-        assert str(err.value) == f"DataConfig.merge_file: no such file {absent!r}"
+        assert str(err.value) == f"data.merge_file: no such file {absent!r}"
     empty = tmp_path / "empty"
     empty.mkdir()
-    no_json = r"^DataConfig.tokenizer_model: directory .* has no tokenizer.json$"
+    no_json = r"^data.tokenizer_model: directory .* has no tokenizer.json$"
     with pytest.raises(ValueError, match=no_json):
         build_tokenizer(empty)
 

@@ -33,15 +33,15 @@ def parse_blend(field: str, entries: list[str | float] | str) -> Blend:
     if isinstance(entries, str):
         entries = [entries]
     if not entries:
-        raise ValueError(f"DataConfig.{field}: the blend is empty")
+        raise ValueError(f"data.{field}: the blend is empty")
     if not any(_is_number(e) for e in entries):
         prefixes = [str(e).strip() for e in entries]
         if any(not p for p in prefixes):
-            raise ValueError(f"DataConfig.{field}: empty dataset prefix in {entries!r}")
+            raise ValueError(f"data.{field}: empty dataset prefix in {entries!r}")
         return prefixes, None
     if len(entries) % 2:
         raise ValueError(
-            f"DataConfig.{field}: a weighted blend alternates weight, prefix; got an odd number "
+            f"data.{field}: a weighted blend alternates weight, prefix; got an odd number "
             f"of entries ({len(entries)}): {entries!r}"
         )
     prefixes: list[str] = []
@@ -50,16 +50,16 @@ def parse_blend(field: str, entries: list[str | float] | str) -> Blend:
         raw_weight, prefix = entries[i], entries[i + 1]
         if not _is_number(raw_weight):
             raise ValueError(
-                f"DataConfig.{field}: entry {i} should be a weight (a number), got {raw_weight!r}"
+                f"data.{field}: entry {i} should be a weight (a number), got {raw_weight!r}"
             )
         weight = float(raw_weight)
         if not math.isfinite(weight) or weight <= 0:
             raise ValueError(
-                f"DataConfig.{field}: weight {raw_weight!r} at entry {i} must be > 0 and finite"
+                f"data.{field}: weight {raw_weight!r} at entry {i} must be > 0 and finite"
             )
         if _is_number(prefix) or not str(prefix).strip():
             raise ValueError(
-                f"DataConfig.{field}: entry {i + 1} should be a dataset prefix, got {prefix!r}"
+                f"data.{field}: entry {i + 1} should be a dataset prefix, got {prefix!r}"
             )
         weights.append(weight)
         prefixes.append(str(prefix).strip())
@@ -71,7 +71,7 @@ TOKENIZER_TYPES = ("SentencePieceTokenizer", "HuggingFaceTokenizer", "GPT2BPETok
 
 
 def _config_key(name: str) -> str:
-    return f"DataConfig.{name}"
+    return f"data.{name}"
 
 
 @dataclass(frozen=True)
@@ -84,7 +84,7 @@ class TokenizerArgs:
     vocab_file: str | None = None
     merge_file: str | None = None
     key: Callable[[str], str] = _config_key
-    """How error messages name a field (``tokenizer_model`` -> ``DataConfig.tokenizer_model``)."""
+    """How error messages name a field (``tokenizer_model`` -> ``data.tokenizer_model``)."""
 
     def check_files(self) -> None:
         """Raise ValueError naming the key and path of a missing tokenizer file."""
@@ -154,14 +154,14 @@ def parse_split(split: str) -> list[float]:
     """Parse a Megatron split string ``"969,30,1"`` into normalised train/valid/test fractions."""
     if not isinstance(split, str) or not _SPLIT_RE.match(split):
         raise ValueError(
-            f"DataConfig.split: expected up to three comma-separated non-negative numbers "
+            f"data.split: expected up to three comma-separated non-negative numbers "
             f"such as '969,30,1', got {split!r}"
         )
     parts = [float(p) for p in split.split(",")]
     parts += [0.0] * (3 - len(parts))
     total = sum(parts)
     if parts[0] <= 0 or total <= 0:
-        raise ValueError(f"DataConfig.split: the train part must be > 0, got {split!r}")
+        raise ValueError(f"data.split: the train part must be > 0, got {split!r}")
     return [p / total for p in parts]
 
 
@@ -207,17 +207,17 @@ class DataConfig:
         tokenizer_args(self.tokenizer_type, self.tokenizer_model, self.vocab_file, self.merge_file)
         if not isinstance(self.seq_length, int) or self.seq_length < 1:
             raise ValueError(
-                f"DataConfig.seq_length: must be an integer >= 1, got {self.seq_length!r}"
+                f"data.seq_length: must be an integer >= 1, got {self.seq_length!r}"
             )
         if not isinstance(self.seed, int) or not 0 <= self.seed < 2**32:
             raise ValueError(
-                f"DataConfig.seed: must be an integer in [0, 2**32), got {self.seed!r}"
+                f"data.seed: must be an integer in [0, 2**32), got {self.seed!r}"
             )
         if self.num_workers is not None and (
             not isinstance(self.num_workers, int) or self.num_workers < 0
         ):
             raise ValueError(
-                f"DataConfig.num_workers: must be an integer >= 0, got {self.num_workers!r}"
+                f"data.num_workers: must be an integer >= 0, got {self.num_workers!r}"
             )
         starts = {
             "anneal_start_iteration": self.anneal_start_iteration,
@@ -226,20 +226,20 @@ class DataConfig:
         given = {name: value for name, value in starts.items() if value is not None}
         if len(given) == 2:
             raise ValueError(
-                "DataConfig: set at most one of anneal_start_iteration and anneal_start_tokens "
+                "data: set at most one of anneal_start_iteration and anneal_start_tokens "
                 f"(got {self.anneal_start_iteration} and {self.anneal_start_tokens})"
             )
         for name, value in given.items():
             if not isinstance(value, int) or value < 0:
-                raise ValueError(f"DataConfig.{name}: must be an integer >= 0, got {value!r}")
+                raise ValueError(f"data.{name}: must be an integer >= 0, got {value!r}")
         if self.anneal_data is not None and not given:
             raise ValueError(
-                "DataConfig.anneal_data: set anneal_start_iteration or anneal_start_tokens "
+                "data.anneal_data: set anneal_start_iteration or anneal_start_tokens "
                 "(T_switch) to say when the annealing blend starts"
             )
         if self.anneal_data is None and given:
             name = next(iter(given))
-            raise ValueError(f"DataConfig.{name}: set anneal_data too (the annealing blend)")
+            raise ValueError(f"data.{name}: set anneal_data too (the annealing blend)")
 
     @property
     def train_blend(self) -> Blend:
@@ -293,7 +293,7 @@ class DataConfig:
                 for suffix in (".bin", ".idx"):
                     if not os.path.isfile(prefix + suffix):
                         raise ValueError(
-                            f"DataConfig.{field}: dataset prefix {prefix!r} has no "
+                            f"data.{field}: dataset prefix {prefix!r} has no "
                             f"{prefix + suffix} (expected PREFIX.bin and PREFIX.idx)"
                         )
         if self.tokenizer is not None:

@@ -112,7 +112,7 @@ def _check_documents(field: str, prefixes: list[str], split: str | None, sizes: 
             if end <= begin:
                 share = f"the split {split!r} leaves" if split is not None else "there are"
                 raise ValueError(
-                    f"DataConfig.{field}: {share} no documents of {prefix!r} ({n_docs} in all) "
+                    f"data.{field}: {share} no documents of {prefix!r} ({n_docs} in all) "
                     f"for the {_SPLIT_NAMES[i]} set; use more data or give valid_data"
                 )
 
@@ -129,7 +129,7 @@ def build_datasets(
     """Build the train, validation and annealing datasets with megatron-core.
 
     ``train_samples`` is every sample the run trains on (``train_iters * global_batch_size``);
-    with T_switch at sample S (:meth:`DataConfig.anneal_start_sample`) the train blend supplies
+    with T_switch at sample S (:meth:`data.anneal_start_sample`) the train blend supplies
     ``min(S, train_samples)`` of them and the annealing blend the rest. ``valid_samples`` is
     ``eval_iters * global_batch_size``. Without ``cfg.valid_data`` the validation set is the
     ``cfg.split`` share of the train blend (Megatron's ``--split``; the annealing blend is split

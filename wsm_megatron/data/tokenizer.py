@@ -175,7 +175,7 @@ def build_tokenizer(
     else:
         args = None if source is None else tokenizer_args(None, str(source))
     if args is None:
-        raise ValueError("DataConfig.tokenizer_model: not set (no tokenizer)")
+        raise ValueError("data.tokenizer_model: not set (no tokenizer)")
     args.check_files()
     if args.type == "SentencePieceTokenizer":
         metadata = {"library": "sentencepiece", "model_type": "gpt"}

@@ -132,7 +132,7 @@ def _build_section(cls: type, raw: Any, prefix: str) -> Any:
         raise
     except ValueError as err:  # a section's own validation (the data section's)
         message = str(err)
-        own = f"{cls.__name__}."  # keys named by class: data.split, not DataConfig.split
+        own = f"{cls.__name__}."  # keys named by class: data.split, not data.split
         if message.startswith(own):
             raise ConfigError(f"{prefix}.{message[len(own) :]}") from None
         raise ConfigError(f"{prefix}: {message}") from None
