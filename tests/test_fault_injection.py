@@ -176,3 +176,32 @@ def test_a_write_the_file_system_refuses_is_one_line_naming_the_path(corpus_dir,
         "File too large (the file-size limit, ulimit -f, is 65536 bytes); no complete "
         "checkpoint exists yet"
     )
+
+
+def test_merged_models_keep_their_own_retention(corpus_dir, tmp_path):
+    args = _args(corpus_dir, tmp_path, 8, "merge.keep_last=2")
+    run_distributed(train_summary, 2, args)
+    assert list_iterations(tmp_path / "merged") == [6, 8]
+    assert list_iterations(tmp_path / "ckpts") == [4, 6, 8]  # the window, untouched
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("seed", range(4))
+def test_random_kills_in_a_row_still_end_as_the_uninterrupted_run(
+    uninterrupted, corpus_dir, tmp_path, seed
+):
+    import random
+
+    ref_root, _, ref_ckpts, ref_merged = uninterrupted
+    args = _args(corpus_dir, tmp_path)
+    rng = random.Random(seed)
+    for _ in range(3):  # killed again while recovering from the last kill
+        moment = rng.choice(["shard", "tracker", "merged-shard", "publish"])
+        iteration = rng.choice([4, 6, 8])
+        try:
+            run_distributed(train_killed, 2, args, moment, iteration)
+        except RuntimeError:
+            pass
+    run_distributed(train_summary, 2, args)
+    assert _same(_tensors(tmp_path / "ckpts"), ref_ckpts)
+    assert _same(_tensors(tmp_path / "merged"), ref_merged)
