@@ -22,24 +22,12 @@ import torch
 from wsm_megatron.snapshots.plan import stage_count
 from wsm_megatron.snapshots.slicing import Bucket
 from wsm_megatron.testing.distributed import run_distributed
-from wsm_megatron.testing.runs import SMALL_RUN, TINY_CONFIG
+from wsm_megatron.testing.runs import SMALL_RUN, TINY_CONFIG, TINY_MOE
 from wsm_megatron.training.config import load_config
 
 REPO_CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 
-MOE = [
-    "parallel.tensor_model_parallel_size=1",
-    "parallel.expert_model_parallel_size=2",
-    "model.num_layers=2",
-    "model.num_experts=4",
-    "model.moe_router_topk=2",
-    "model.moe_ffn_hidden_size=32",
-    "model.moe_shared_expert_intermediate_size=32",
-    "model.moe_layer_freq=[0, 1]",
-    "model.swiglu=true",
-    "model.add_bias_linear=false",
-    "model.moe_token_dispatcher_type=allgather",
-]
+MOE = [*TINY_MOE, "parallel.expert_model_parallel_size=2"]
 
 PP2_TIED = [  # tied embeddings across stages, learned positions, LayerNorm with biases
     "parallel.tensor_model_parallel_size=1",

@@ -12,7 +12,7 @@ from megatron.core import dist_checkpointing
 from wsm_megatron.cli.merge import main as merge_main
 from wsm_megatron.layout import iteration_dir, list_iterations, read_tracker
 from wsm_megatron.testing.distributed import run_distributed
-from wsm_megatron.testing.runs import SMALL_RUN, TINY_CONFIG, train_summary
+from wsm_megatron.testing.runs import SMALL_RUN, TINY_CONFIG, TINY_MOE, train_summary
 
 
 def _resume_then_evaluate(overrides: list[str], checkpoints: list[str]) -> dict:
@@ -100,16 +100,7 @@ def test_data_parallel_moe_token_interval_and_wsd_branch(corpus_dir, tmp_path):
     moe = [
         *SMALL_RUN,
         f"corpus.cache_dir={corpus_dir}",
-        "parallel.tensor_model_parallel_size=1",
-        "model.num_layers=2",
-        "model.num_experts=4",
-        "model.moe_router_topk=2",
-        "model.moe_ffn_hidden_size=32",
-        "model.moe_shared_expert_intermediate_size=32",
-        "model.moe_layer_freq=[0, 1]",
-        "model.swiglu=true",
-        "model.add_bias_linear=false",
-        "model.moe_token_dispatcher_type=allgather",  # alltoall needs CUDA streams
+        *TINY_MOE,
         "train.train_iters=3",
         f"checkpoint.save={wsm}",
         "checkpoint.save_interval=null",

@@ -23,6 +23,19 @@ SMALL_RUN = [  # tiny-cpu, smaller still: 4 layers of width 64 on 32-token seque
     "merge.online=false",  # tests that want the online merge say so
 ]
 
+TINY_MOE = [  # SMALL_RUN's model as an MoE: 2 layers, the second of 4 experts (top-2) + 1 shared
+    "parallel.tensor_model_parallel_size=1",
+    "model.num_layers=2",
+    "model.num_experts=4",
+    "model.moe_router_topk=2",
+    "model.moe_ffn_hidden_size=32",
+    "model.moe_shared_expert_intermediate_size=32",
+    "model.moe_layer_freq=[0, 1]",
+    "model.swiglu=true",
+    "model.add_bias_linear=false",
+    "model.moe_token_dispatcher_type=allgather",  # alltoall needs CUDA streams
+]
+
 
 def train_summary(overrides: list[str]) -> dict[str, Any]:
     """Train ``tiny-cpu`` with ``overrides`` in this process; what the run and the model hold."""
