@@ -27,7 +27,7 @@ import torch
 from wsm_megatron.layout import iteration_dir, list_iterations
 from wsm_megatron.runtime import decided_on_rank0
 from wsm_megatron.snapshots.loading import load_snapshots
-from wsm_megatron.snapshots.memory import check_ring_memory, gather_ring_memory, ring_device
+from wsm_megatron.snapshots.memory import GIB, check_ring_memory, gather_ring_memory, ring_device
 from wsm_megatron.snapshots.ring import SnapshotRing, ring_bytes
 from wsm_megatron.snapshots.values import extra_state_kept, shard_values
 from wsm_megatron.theory import MergeWeights
@@ -74,11 +74,6 @@ class OnlineMerge:
         self.damaged: dict[int, str] = {}
         """Window checkpoints the last rebuild skipped, and why."""
 
-    @property
-    def ring_bytes(self) -> int:
-        """The largest rank's ring (bytes)."""
-        return self.memory.largest_rank_bytes
-
     def describe(self) -> str:
         m, ring = self.config.merge, self.ring
         where = "GPU memory" if ring.device.type == "cuda" else "host memory"
@@ -89,7 +84,8 @@ class OnlineMerge:
         return (
             f"  online merge: the newest {ring.capacity} checkpoints, {m.schedule}, every "
             f"{m.every} save(s); {self.memory.describe(ring.capacity, where)} "
-            f"({len(self.values)} tensors, {cut}; budget {m.snapshot_memory_gb:g} GiB)"
+            f"({len(self.values)} tensors, {cut}; merge buffers {ring.device_bytes / GIB:.3g} GiB "
+            f"on {ring.compute.type}; budget {m.snapshot_memory_gb:g} GiB)"
         )
 
     def position(self, progress: Progress) -> int:
