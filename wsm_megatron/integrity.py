@@ -7,7 +7,8 @@ common files), so no rank reads the whole checkpoint. A checkpoint without the r
 (Megatron-LM's own) is checked against DCP's ``.metadata``: every file it names exists and holds
 every byte range it records.
 
-The problems are one line each, naming the file: ``iter_0000020/__1_0.distcp: checksum
+:func:`record_integrity` and :func:`verify_checkpoint` are the collective forms (every rank its
+share). The problems are one line each, naming the file: ``iter_0000020/__1_0.distcp: checksum
 mismatch`` and so on.
 """
 
@@ -18,7 +19,10 @@ import os
 from collections.abc import Sequence
 from pathlib import Path
 
+import torch.distributed as dist
 import xxhash
+
+from wsm_megatron.runtime.distributed import decided_on_rank0
 
 INTEGRITY_FILENAME = "wsm_integrity.json"
 ALGORITHM = "xxh3_64"
@@ -125,3 +129,37 @@ def files_to_check(ckpt_dir: Path) -> tuple[list[str], dict[str, dict] | None]:
     if record is not None:
         return sorted(record), record
     return sorted(expected_sizes(ckpt_dir)), None
+
+
+def record_integrity(ckpt_dir: Path) -> None:
+    """Every rank hashes the files it wrote; rank 0 writes the record (a collective)."""
+    rank = dist.get_rank()
+    mine = {name: digest_file(ckpt_dir / name) for name in own_files(ckpt_dir, rank)}
+    found: list[dict] | None = [{}] * dist.get_world_size() if rank == 0 else None
+    dist.gather_object(mine, found, dst=0)
+    if rank == 0:
+        files: dict[str, dict] = {}
+        for part in found:
+            files.update(part)
+        write_record(ckpt_dir, files)
+
+
+def verify_checkpoint(ckpt_dir: Path) -> str | None:
+    """The first problem of ``ckpt_dir`` (one line naming the file), or None; every rank
+    checks a share of its files (a collective, the same answer on every rank)."""
+
+    def plan() -> tuple[list[str], dict | None] | str:
+        try:
+            return files_to_check(ckpt_dir)
+        except ValueError as err:
+            return str(err)
+
+    planned = decided_on_rank0(plan)
+    if isinstance(planned, str):
+        return planned
+    names, record = planned
+    rank, world = dist.get_rank(), dist.get_world_size()
+    local = check_files(ckpt_dir, names[rank::world], record)
+    problems: list[str | None] = [None] * world
+    dist.all_gather_object(problems, local)
+    return next((p for p in problems if p is not None), None)

@@ -78,6 +78,32 @@ def os_error_of(err: BaseException) -> OSError | None:
     return next((e for e in nested_errors(err) if isinstance(e, OSError)), None)
 
 
+_WRITER_FAILURES = ("file write failed", "unexpected pos", "Worker failure")
+
+
+def refused_write(ckpt_dir: Path, err: BaseException) -> OSError | None:
+    """Why the file system refused a write that torch's writer reported without its errno
+    (``PytorchStreamWriter``: "file write failed", "unexpected pos"): a full disk, the
+    file-size limit or permissions, as this process sees them now; None for anything else."""
+    import errno
+    import resource
+    import shutil
+
+    messages = [str(e) for e in nested_errors(err)]
+    if not any(text in m for m in messages for text in _WRITER_FAILURES):
+        return None
+    if shutil.disk_usage(ckpt_dir).free < 2**20:
+        return OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+    soft, _ = resource.getrlimit(resource.RLIMIT_FSIZE)
+    if soft != resource.RLIM_INFINITY:
+        return OSError(
+            errno.EFBIG, f"File too large (the file-size limit, ulimit -f, is {soft} bytes)"
+        )
+    if not os.access(ckpt_dir, os.W_OK):
+        return OSError(errno.EACCES, os.strerror(errno.EACCES))
+    return None
+
+
 def write_error(path: Path, err: BaseException) -> MergeError:
     """One line for a failed write of ``path``, naming the OS error behind it."""
     cause = os_error_of(err)

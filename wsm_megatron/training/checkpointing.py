@@ -49,6 +49,7 @@ from megatron.core.utils import unwrap_model
 from torch.distributed.checkpoint.api import CheckpointException
 
 from wsm_megatron import integrity
+from wsm_megatron.integrity import record_integrity, verify_checkpoint
 from wsm_megatron.layout import (
     TRACKER_FILENAME,
     is_complete,
@@ -107,42 +108,6 @@ def resume_checkpoint(config: WSMConfig) -> tuple[Path, int] | None:
     """``(iteration directory, iteration)`` a run resumes from, or None for a fresh start,
     decided on rank 0 from its view of the file system (:func:`_find_resume_checkpoint`)."""
     return decided_on_rank0(lambda: _find_resume_checkpoint(config))
-
-
-def record_integrity(ckpt_dir: Path) -> None:
-    """Every rank hashes the files it wrote; rank 0 writes the record (a collective)."""
-    rank = dist.get_rank()
-    mine = {
-        name: integrity.digest_file(ckpt_dir / name) for name in integrity.own_files(ckpt_dir, rank)
-    }
-    found: list[dict] | None = [{}] * dist.get_world_size() if rank == 0 else None
-    dist.gather_object(mine, found, dst=0)
-    if rank == 0:
-        files: dict[str, dict] = {}
-        for part in found:
-            files.update(part)
-        integrity.write_record(ckpt_dir, files)
-
-
-def verify_checkpoint(ckpt_dir: Path) -> str | None:
-    """The first problem of ``ckpt_dir`` (one line naming the file), or None; every rank
-    checks a share of its files (a collective, the same answer on every rank)."""
-
-    def plan() -> tuple[list[str], dict | None] | str:
-        try:
-            return integrity.files_to_check(ckpt_dir)
-        except ValueError as err:
-            return str(err)
-
-    planned = decided_on_rank0(plan)
-    if isinstance(planned, str):
-        return planned
-    names, record = planned
-    rank, world = dist.get_rank(), dist.get_world_size()
-    local = integrity.check_files(ckpt_dir, names[rank::world], record)
-    problems: list[str | None] = [None] * world
-    dist.all_gather_object(problems, local)
-    return next((p for p in problems if p is not None), None)
 
 
 def choose_resume_checkpoint(config: WSMConfig, say: Any = print) -> tuple[Path, int] | None:
@@ -358,34 +323,6 @@ def _set_rng_state(states: list[dict[str, Any]]) -> None:
     tensor_parallel.get_cuda_rng_tracker().set_states(state["rng_tracker_states"])
 
 
-_WRITER_FAILURES = ("file write failed", "unexpected pos", "Worker failure")
-
-
-def _refused_write(ckpt_dir: Path, err: BaseException) -> OSError | None:
-    """Why the file system refused a write that torch's writer reported without its errno
-    (``PytorchStreamWriter``: "file write failed", "unexpected pos"): a full disk, the
-    file-size limit or permissions, as this process sees them now; None for anything else."""
-    import errno
-    import resource
-    import shutil
-
-    from wsm_megatron.merge.writer import nested_errors
-
-    messages = [str(e) for e in nested_errors(err)]
-    if not any(text in m for m in messages for text in _WRITER_FAILURES):
-        return None
-    if shutil.disk_usage(ckpt_dir).free < 2**20:
-        return OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
-    soft, _ = resource.getrlimit(resource.RLIMIT_FSIZE)
-    if soft != resource.RLIM_INFINITY:
-        return OSError(
-            errno.EFBIG, f"File too large (the file-size limit, ulimit -f, is {soft} bytes)"
-        )
-    if not os.access(ckpt_dir, os.W_OK):
-        return OSError(errno.EACCES, os.strerror(errno.EACCES))
-    return None
-
-
 def _forget_completion(ckpt_dir: Path) -> None:
     """Remove the files that mark ``ckpt_dir`` complete (before writing into it again)."""
     for name in (integrity.INTEGRITY_FILENAME, "metadata.json", ".metadata"):
@@ -594,9 +531,9 @@ class Checkpointer:
 
         DCP raises a failed write on every rank together, with the cause only where it was
         seen: the ranks agree on it (one small all-gather)."""
-        from wsm_megatron.merge.writer import os_error_of, write_error
+        from wsm_megatron.merge.writer import os_error_of, refused_write, write_error
 
-        found = os_error_of(err) or _refused_write(ckpt_dir, err)
+        found = os_error_of(err) or refused_write(ckpt_dir, err)
         causes: list[OSError | None] = [None] * dist.get_world_size()
         dist.all_gather_object(causes, found)
         cause = next((c for c in causes if c is not None), None)

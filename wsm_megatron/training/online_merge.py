@@ -24,6 +24,7 @@ from pathlib import Path
 
 import torch
 
+from wsm_megatron.integrity import verify_checkpoint
 from wsm_megatron.layout import iteration_dir, list_iterations
 from wsm_megatron.runtime import decided_on_rank0
 from wsm_megatron.snapshots.loading import load_snapshots
@@ -31,7 +32,7 @@ from wsm_megatron.snapshots.memory import GIB, check_ring_memory, gather_ring_me
 from wsm_megatron.snapshots.ring import SnapshotRing, ring_bytes
 from wsm_megatron.snapshots.values import extra_state_kept, shard_values
 from wsm_megatron.theory import MergeWeights
-from wsm_megatron.training.checkpointing import Progress, verify_checkpoint
+from wsm_megatron.training.checkpointing import Progress
 from wsm_megatron.training.config import WSMConfig
 
 
