@@ -38,6 +38,8 @@ class Snapshot:
     iteration: int
     position: int
     slices: list[torch.Tensor]
+    slot: int = 0
+    """Which of the ring's preallocated buffers holds it."""
 
 
 @dataclass
@@ -139,7 +141,6 @@ class SnapshotRing:
         self._slots = self._allocate()
         self._free = list(range(capacity))
         self.entries: deque[Snapshot] = deque()
-        self._slot_of: dict[int, int] = {}
         self._staged = self.device != self.compute if stage is None else stage
         self._staging = self._allocate_staging() if self._staged else None
 
@@ -214,7 +215,7 @@ class SnapshotRing:
         """Copy this rank's slices of the live values in as the snapshot of ``iteration``."""
         self.ready()
         if len(self.entries) == self.capacity:
-            self._free.append(self._slot_of.pop(id(self.entries.popleft())))
+            self._free.append(self.entries.popleft().slot)
         slot = self._free.pop(0)
         slices = self._slots[slot]
         pairs = [
@@ -234,9 +235,7 @@ class SnapshotRing:
                 for dst, src in pairs:
                     dst.copy_(src, non_blocking=True)
             self._event = self._stream.record_event()
-        snapshot = Snapshot(iteration, position, slices)
-        self._slot_of[id(snapshot)] = slot
-        self.entries.append(snapshot)
+        self.entries.append(Snapshot(iteration, position, slices, slot))
 
     def fence(self) -> None:
         """Make the compute stream wait for pending copies (call before the values change)."""
