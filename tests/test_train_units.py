@@ -424,7 +424,7 @@ def _gpu_refusals(override_sets: list[list[str]]) -> list[str]:
     return refusals
 
 
-def test_context_parallelism_and_tp_comm_overlap_are_refused_on_cpu():
+def test_context_parallelism_tp_comm_overlap_and_local_sequence_parallel_are_refused_on_cpu():
     from wsm_megatron.testing.distributed import run_distributed
 
     (refusals,) = run_distributed(
@@ -433,6 +433,7 @@ def test_context_parallelism_and_tp_comm_overlap_are_refused_on_cpu():
         [
             ["parallel.context_parallel_size=2"],  # transformer_impl auto: local layers on CPU
             ["parallel.sequence_parallel=true", "parallel.tp_comm_overlap=true"],
+            ["parallel.sequence_parallel=true"],  # megatron-core: a bare AssertionError
         ],
     )
     assert refusals == [
@@ -440,6 +441,10 @@ def test_context_parallelism_and_tp_comm_overlap_are_refused_on_cpu():
         "(model.transformer_impl transformer_engine or auto, on a GPU); Megatron's local "
         "attention does not split sequences",
         "parallel.tp_comm_overlap: needs a GPU (Transformer Engine userbuffers)",
+        "parallel.sequence_parallel: the local layer spec normalises with torch's RMSNorm here "
+        "(apex's FusedLayerNorm: LayerNorm only, when installed), which megatron-core does not "
+        "run with sequence parallelism; use Transformer Engine layers (a GPU) or "
+        "parallel.sequence_parallel=false",
     ]
 
 
@@ -464,3 +469,34 @@ def test_context_parallel_ranks_get_megatrons_load_balanced_share():
     assert first["tokens"] == [[0, 1, 6, 7], [8, 9, 14, 15]]
     assert second["tokens"] == [[2, 3, 4, 5], [10, 11, 12, 13]]
     assert first["position_ids"] == [[0, 1, 6, 7]] * 2
+
+
+def _fc1_rows(overrides: list[str]) -> int:
+    from wsm_megatron.runtime import ParallelConfig, init_distributed
+    from wsm_megatron.training.model import build_model
+
+    init_distributed(ParallelConfig())
+    built = build_model(load_config(TINY, overrides), 500)
+    return built.module.decoder.layers[0].mlp.linear_fc1.weight.shape[0]
+
+
+@pytest.mark.parametrize(
+    ("hidden", "swiglu", "expected"),
+    [(128, True, 320), (4096, True, 10880), (128, False, 512), (8192, True, 21824)],
+)
+def test_default_ffn_size_is_megatron_lms(hidden, swiglu, expected):
+    # Megatron-LM (arguments.py): 4h, or with --swiglu int((4h * 2/3) / 64) * 64.
+    config = load_config(
+        TINY,
+        [f"model.hidden_size={hidden}", "model.ffn_hidden_size=null", f"model.swiglu={swiglu}"],
+    )
+    assert config.model.ffn_size == expected
+
+
+def test_a_swiglu_model_without_ffn_size_has_megatron_lms_mlp_shape():
+    from wsm_megatron.testing.distributed import run_distributed
+
+    overrides = ["parallel.tensor_model_parallel_size=1", "model.ffn_hidden_size=null"]
+    # gated: fc1 holds both input projections, 2 x 320 rows at hidden 128
+    assert run_distributed(_fc1_rows, 1, [*overrides, "model.swiglu=true"]) == [640]
+    assert run_distributed(_fc1_rows, 1, overrides) == [512]

@@ -12,6 +12,10 @@ import re
 from pathlib import Path
 
 TRACKER_FILENAME = "latest_checkpointed_iteration.txt"
+STOP_SAVE_FILENAME = "wsm_stop_save.json"
+"""Marks a checkpoint saved on a stop request (a signal, the time budget), off the save interval:
+resumed from like any other, but no member of a merge window and deleted by retention once a
+newer checkpoint is complete."""
 _ITER_RE = re.compile(r"^iter_(\d{7,})$")
 
 
@@ -47,6 +51,11 @@ def is_complete(root: str | os.PathLike[str], iteration: int) -> bool:
     ``metadata.json``, both written last; a re-save removes them first)."""
     path = iteration_dir(root, iteration)
     return (path / "metadata.json").is_file() and (path / ".metadata").is_file()
+
+
+def is_stop_save(root: str | os.PathLike[str], iteration: int) -> bool:
+    """Whether ``iter_<iteration>`` was saved on a stop request (see :data:`STOP_SAVE_FILENAME`)."""
+    return (iteration_dir(root, iteration) / STOP_SAVE_FILENAME).is_file()
 
 
 def read_tracker(root: str | os.PathLike[str]) -> int | None:

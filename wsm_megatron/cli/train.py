@@ -11,7 +11,8 @@ Examples::
 
 Overrides are ``section.key=value`` (values parsed as YAML). Re-running the same command resumes
 from the newest checkpoint in ``checkpoint.save``. Exit status 2 with one ``wsm-train: error:``
-line for an invalid configuration or launch.
+line for an invalid configuration or launch; 3 when a signal (``train.exit_signals``) or the
+time budget (``train.exit_duration_in_mins``) stopped the run after saving a checkpoint.
 """
 
 from __future__ import annotations
@@ -153,6 +154,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     _quiet_imports()
     from wsm_megatron.runtime import destroy_distributed
+    from wsm_megatron.runtime.termination import SAVED_STATUS
     from wsm_megatron.training.trainer import evaluate_checkpoints, pretrain
 
     try:
@@ -161,8 +163,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             if args.eval_output and is_main:
                 Path(args.eval_output).parent.mkdir(parents=True, exist_ok=True)
                 Path(args.eval_output).write_text(json.dumps(results, indent=1) + "\n")
-        else:
-            pretrain(config)
+        elif pretrain(config).stopped is not None:  # saved on a signal or the time budget
+            return SAVED_STATUS
     except ValueError as err:
         if not _raised_by_us(err):
             raise

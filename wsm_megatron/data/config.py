@@ -206,19 +206,13 @@ class DataConfig:
         parse_split(self.split)
         tokenizer_args(self.tokenizer_type, self.tokenizer_model, self.vocab_file, self.merge_file)
         if not isinstance(self.seq_length, int) or self.seq_length < 1:
-            raise ValueError(
-                f"data.seq_length: must be an integer >= 1, got {self.seq_length!r}"
-            )
+            raise ValueError(f"data.seq_length: must be an integer >= 1, got {self.seq_length!r}")
         if not isinstance(self.seed, int) or not 0 <= self.seed < 2**32:
-            raise ValueError(
-                f"data.seed: must be an integer in [0, 2**32), got {self.seed!r}"
-            )
+            raise ValueError(f"data.seed: must be an integer in [0, 2**32), got {self.seed!r}")
         if self.num_workers is not None and (
             not isinstance(self.num_workers, int) or self.num_workers < 0
         ):
-            raise ValueError(
-                f"data.num_workers: must be an integer >= 0, got {self.num_workers!r}"
-            )
+            raise ValueError(f"data.num_workers: must be an integer >= 0, got {self.num_workers!r}")
         starts = {
             "anneal_start_iteration": self.anneal_start_iteration,
             "anneal_start_tokens": self.anneal_start_tokens,

@@ -44,14 +44,14 @@ def layer_count(config: WSMConfig, moe: bool) -> ShardCount:
     dense = 2 * _norm(config, h) + _linear(q + 2 * kv, h, tp, bias, True)
     dense += _linear(h, q, tp, bias, False) + (2 * _norm(config, d) if m.qk_layernorm else 0)
     if not moe:
-        f = m.ffn_hidden_size or 4 * h
+        f = m.ffn_size
         dense += _linear(glu * f, h, tp, bias, True) + _linear(h, f, tp, bias, False)
         return ShardCount(dense, 0)
     dense += m.num_experts * h  # the router
     s = m.moe_shared_expert_intermediate_size
     if s:
         dense += _linear(glu * s, h, tp, bias, True) + _linear(h, s, tp, bias, False)
-    fe = m.moe_ffn_hidden_size or m.ffn_hidden_size or 4 * h
+    fe = m.moe_expert_ffn_size
     per_expert = _linear(glu * fe, h, tp, bias, True) + _linear(h, fe, tp, bias, False)
     return ShardCount(
         dense, per_expert * m.num_experts // config.parallel.expert_model_parallel_size

@@ -10,6 +10,10 @@ Moments (``it``: the iteration whose save is hit):
   is published.
 
 Nothing is mocked: the real writers run, and the process dies in the middle of them.
+
+``run_distributed(train_signalled, N, overrides, it, signal_name, ranks)`` sends a real signal to
+the given ranks (themselves) at a chosen iteration, or during the save of one, as SLURM does at
+a time limit or a preemption.
 """
 
 from __future__ import annotations
@@ -83,3 +87,52 @@ def train_killed(overrides: list[str], moment: str, iteration: int) -> dict[str,
     """:func:`train_summary`, killed at ``moment`` of the save of ``iteration``."""
     _install(moment, iteration)
     return train_summary(overrides)
+
+
+def train_signalled(
+    overrides: list[str], iteration: int, signal_name: str, ranks: list[int], during_save: bool
+) -> dict[str, Any]:
+    """:func:`train_summary`, with ``signal_name`` sent to each of ``ranks`` once, after the
+    step of ``iteration`` (or, ``during_save``, while its checkpoint is being written; sent
+    twice when the rank is listed twice)."""
+    from wsm_megatron.training import checkpointing
+    from wsm_megatron.training.callbacks.metrics import MetricsCallback
+
+    times = ranks.count(int(os.environ["RANK"]))
+    signum = signal.Signals[signal_name]
+
+    def send() -> None:
+        for _ in range(times):
+            os.kill(os.getpid(), signum)
+
+    if during_save:
+        save_then = checkpointing.dist_checkpointing.save
+
+        def save_signalled(state_dict: Any, ckpt_dir: str, *args: Any, **kwargs: Any) -> Any:
+            if ckpt_dir.endswith(iteration_dirname(iteration)):
+                send()
+            return save_then(state_dict, ckpt_dir, *args, **kwargs)
+
+        checkpointing.dist_checkpointing = _Patched(
+            checkpointing.dist_checkpointing, save_signalled
+        )
+    else:
+        post_step = MetricsCallback.post_step
+
+        def post_step_signalled(self: Any, progress: Any, info: Any) -> None:
+            post_step(self, progress, info)
+            if progress.iteration == iteration:
+                send()
+
+        MetricsCallback.post_step = post_step_signalled
+    return train_summary(overrides)
+
+
+class _Patched:
+    """A module seen through, with ``save`` replaced."""
+
+    def __init__(self, module: Any, save: Any) -> None:
+        self._module, self.save = module, save
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._module, name)

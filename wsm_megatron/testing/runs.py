@@ -66,6 +66,7 @@ def train_summary(overrides: list[str]) -> dict[str, Any]:
         "val_losses": result.val_losses,
         "lrs": result.lrs,
         "resumed_from": result.resumed_from,
+        "stopped": result.stopped,
         "iteration": result.progress.iteration,
         "merged_losses": result.merged_losses,
         "windows": {it: p.iterations for it, p in result.merge_points.items()},

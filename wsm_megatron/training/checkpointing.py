@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import importlib.util
 import inspect
+import json
 import os
 import random
 import time
@@ -51,6 +52,7 @@ from torch.distributed.checkpoint.api import CheckpointException
 from wsm_megatron import integrity
 from wsm_megatron.integrity import record_integrity, verify_checkpoint
 from wsm_megatron.layout import (
+    STOP_SAVE_FILENAME,
     TRACKER_FILENAME,
     is_complete,
     iteration_dir,
@@ -223,7 +225,7 @@ def checkpoint_args(
         num_attention_heads=m.num_attention_heads,
         group_query_attention=m.num_query_groups is not None,
         num_query_groups=m.num_query_groups or m.num_attention_heads,
-        ffn_hidden_size=m.ffn_hidden_size or 4 * m.hidden_size,
+        ffn_hidden_size=m.ffn_size,
         kv_channels=m.kv_channels or m.hidden_size // m.num_attention_heads,
         seq_length=config.seq_length,
         max_position_embeddings=m.max_position_embeddings or config.seq_length,
@@ -324,8 +326,9 @@ def _set_rng_state(states: list[dict[str, Any]]) -> None:
 
 
 def _forget_completion(ckpt_dir: Path) -> None:
-    """Remove the files that mark ``ckpt_dir`` complete (before writing into it again)."""
-    for name in (integrity.INTEGRITY_FILENAME, "metadata.json", ".metadata"):
+    """Remove the files that mark ``ckpt_dir`` complete (before writing into it again), and
+    a stop-save mark of an earlier save of the same iteration."""
+    for name in (integrity.INTEGRITY_FILENAME, "metadata.json", ".metadata", STOP_SAVE_FILENAME):
         (ckpt_dir / name).unlink(missing_ok=True)
 
 
@@ -446,13 +449,22 @@ class Checkpointer:
         return state_dict
 
     # ------------------------------------------------------------------ save
-    def save(self, progress: Progress) -> None:
-        """Write ``iter_XXXXXXX`` for ``progress.iteration``; tracker and pruning follow it."""
+    def save(self, progress: Progress, *, stop_reason: str | None = None) -> None:
+        """Write ``iter_XXXXXXX`` for ``progress.iteration``; tracker and pruning follow it.
+
+        With ``stop_reason`` (the run stops: a signal, the time budget) the save is synchronous,
+        after every async save in flight has completed, and marked as a stop save
+        (:data:`~wsm_megatron.layout.STOP_SAVE_FILENAME`)."""
         root = Path(self.config.checkpoint.save)
         ckpt_dir = iteration_dir(root, progress.iteration)
+        if stop_reason is not None:
+            self.finalize(blocking=True)
         if dist.get_rank() == 0:
             ckpt_dir.mkdir(parents=True, exist_ok=True)
             _forget_completion(ckpt_dir)  # a torn re-save must not look complete
+            if stop_reason is not None:
+                mark = {"iteration": progress.iteration, "reason": stop_reason}
+                (ckpt_dir / STOP_SAVE_FILENAME).write_text(json.dumps(mark) + "\n")
         dist.barrier()
         iteration = progress.iteration
 
@@ -464,7 +476,9 @@ class Checkpointer:
 
         with params_synced(self.state):
             state_dict = self._state_dict(progress, optimizer=True, rng=True, loading=False)
-            self._write(state_dict, ckpt_dir, finalize, "training")
+            self._write(
+                state_dict, ckpt_dir, finalize, "training", blocking=stop_reason is not None
+            )
         self.last_saved = iteration
 
     def save_merged(self, progress: Progress, root: str | Path, info: dict[str, Any]) -> None:
@@ -503,21 +517,24 @@ class Checkpointer:
         with params_synced(self.state):
             self._write(state_dict, tmp_dir, finalize, "merged")
 
-    def _write(self, state_dict: dict, ckpt_dir: Path, finalize: Any, kind: str) -> None:
+    def _write(
+        self, state_dict: dict, ckpt_dir: Path, finalize: Any, kind: str, blocking: bool = False
+    ) -> None:
         """``dist_checkpointing.save`` into ``ckpt_dir``, then ``finalize`` once every rank
-        has written (in the background with async saves)."""
+        has written (in the background with async saves, unless ``blocking``)."""
+        background = self.async_save and not blocking
         try:
             request = dist_checkpointing.save(
                 state_dict,
                 str(ckpt_dir),
                 self._strategy(kind),
-                async_sharded_save=self.async_save,
+                async_sharded_save=background,
                 content_metadata=_serializable(self.metadata),
-                **(_async_strategy_kwargs() if self.async_save else {}),
+                **(_async_strategy_kwargs() if background else {}),
             )
         except (Exception, CheckpointException) as err:  # DCP's is a BaseException
             raise self._write_failed(ckpt_dir, err, kind) from None
-        if self.async_save:
+        if background:
             request.add_finalize_fn(finalize)
             self.queue.schedule_async_request(request)
         else:

@@ -25,10 +25,10 @@ def flops_per_iteration(config: WSMConfig, padded_vocab_size: int) -> float:
     groups = m.num_query_groups or m.num_attention_heads
     attention = (1 + groups / m.num_attention_heads + s / h) * query_ratio
     gated = 1.5 if m.swiglu else 1.0
-    dense_mlp = (m.ffn_hidden_size or 4 * h) / h * gated
+    dense_mlp = m.ffn_size / h * gated
     if m.is_moe:
         moe_fraction = sum(m.moe_layers) / layers
-        expert = (m.moe_ffn_hidden_size or m.ffn_hidden_size or 4 * h) / h
+        expert = m.moe_expert_ffn_size / h
         shared = (m.moe_shared_expert_intermediate_size or 0) / h
         moe_mlp = (expert * m.moe_router_topk + shared) * gated
         mlp = moe_fraction * moe_mlp + (1 - moe_fraction) * dense_mlp

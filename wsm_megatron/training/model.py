@@ -28,7 +28,7 @@ from megatron.core.transformer import TransformerConfig
 from megatron.core.transformer.module import param_is_not_shared
 
 from wsm_megatron.runtime import cpu_compat
-from wsm_megatron.training.config import WSMConfig, context_parallel_needs_te
+from wsm_megatron.training.config import ModelConfig, WSMConfig, context_parallel_needs_te
 
 
 def padded_vocab_size(vocab_size: int, config: WSMConfig) -> int:
@@ -63,6 +63,13 @@ def check_gpu_features(config: WSMConfig, transformer_engine: bool) -> None:
             "parallel.tp_comm_overlap: needs Transformer Engine layers "
             "(model.transformer_impl transformer_engine or auto with transformer_engine installed)"
         )
+    if p.sequence_parallel and not transformer_engine and not _local_norm_splits_sequence(m):
+        raise ValueError(
+            "parallel.sequence_parallel: the local layer spec normalises with torch's "
+            f"{m.normalization} here (apex's FusedLayerNorm: LayerNorm only, when installed), "
+            "which megatron-core does not run with sequence parallelism; use Transformer "
+            "Engine layers (a GPU) or parallel.sequence_parallel=false"
+        )
     if m.fused_kernels and cpu_compat.is_active():
         raise ValueError(f"model.{m.fused_kernels[0]}: Megatron's fused kernels need a GPU")
     if m.fp8 is not None and not transformer_engine:
@@ -70,6 +77,11 @@ def check_gpu_features(config: WSMConfig, transformer_engine: bool) -> None:
             "model.fp8: FP8 training needs Transformer Engine layers on a GPU "
             "(model.transformer_impl=transformer_engine or auto with transformer_engine installed)"
         )
+
+
+def _local_norm_splits_sequence(m: ModelConfig) -> bool:
+    """Whether the local spec's norm supports sequence parallelism: only apex's LayerNorm."""
+    return m.normalization == "LayerNorm" and importlib.util.find_spec("apex") is not None
 
 
 def mixed_precision(config: WSMConfig) -> bool:
@@ -87,7 +99,7 @@ def transformer_config(config: WSMConfig) -> TransformerConfig:
         moe = dict(
             num_moe_experts=m.num_experts,
             moe_router_topk=m.moe_router_topk,
-            moe_ffn_hidden_size=m.moe_ffn_hidden_size or m.ffn_hidden_size or 4 * m.hidden_size,
+            moe_ffn_hidden_size=m.moe_expert_ffn_size,
             moe_shared_expert_intermediate_size=m.moe_shared_expert_intermediate_size,
             moe_layer_freq=m.moe_layer_freq,
             moe_aux_loss_coeff=m.moe_aux_loss_coeff,
@@ -102,7 +114,7 @@ def transformer_config(config: WSMConfig) -> TransformerConfig:
         hidden_size=m.hidden_size,
         num_attention_heads=m.num_attention_heads,
         num_query_groups=m.num_query_groups,
-        ffn_hidden_size=m.ffn_hidden_size or 4 * m.hidden_size,
+        ffn_hidden_size=m.ffn_size,
         kv_channels=m.kv_channels,
         normalization=m.normalization,
         gated_linear_unit=m.swiglu,

@@ -25,7 +25,7 @@ from pathlib import Path
 import torch
 
 from wsm_megatron.integrity import verify_checkpoint
-from wsm_megatron.layout import iteration_dir, list_iterations
+from wsm_megatron.layout import is_stop_save, iteration_dir, list_iterations
 from wsm_megatron.runtime import decided_on_rank0
 from wsm_megatron.snapshots.loading import load_snapshots
 from wsm_megatron.snapshots.memory import GIB, check_ring_memory, gather_ring_memory, ring_device
@@ -74,6 +74,8 @@ class OnlineMerge:
         self.last_point: MergePoint | None = None
         self.damaged: dict[int, str] = {}
         """Window checkpoints the last rebuild skipped, and why."""
+        self.resumed_stop_save = False
+        """Whether the checkpoint resumed from was a stop save (then not in the ring)."""
 
     def describe(self) -> str:
         m, ring = self.config.merge, self.ring
@@ -104,17 +106,21 @@ class OnlineMerge:
         Returns the iterations loaded and those of the window that are missing on disk (with
         an iteration save interval: the saves an uninterrupted run would hold in its ring).
         """
-        keep = self.ring.capacity - 1
 
-        def window() -> list[int]:
+        def window() -> tuple[list[int], bool]:
+            stop_save = is_stop_save(root, resume_iteration)  # not a window member
+            keep = self.ring.capacity - (0 if stop_save else 1)
             complete = [
                 it
                 for it in list_iterations(root)
-                if it < resume_iteration and (iteration_dir(root, it) / "metadata.json").is_file()
+                if it < resume_iteration
+                and (iteration_dir(root, it) / "metadata.json").is_file()
+                and not is_stop_save(root, it)
             ]
-            return complete[-keep:]
+            return complete[-keep:], stop_save
 
-        older = decided_on_rank0(window)
+        older, self.resumed_stop_save = decided_on_rank0(window)
+        keep = self.ring.capacity - (0 if self.resumed_stop_save else 1)
         damaged = {it: verify_checkpoint(iteration_dir(root, it)) for it in older}
         self.damaged = {it: problem for it, problem in damaged.items() if problem is not None}
         older = [it for it in older if it not in self.damaged]
@@ -126,8 +132,11 @@ class OnlineMerge:
         return older, sorted(set(saves) - set(older))
 
     def on_resume(self, progress: Progress) -> None:
-        """Add the resumed checkpoint (the live values just loaded) as the newest snapshot."""
-        self.ring.take(progress.iteration, self.position(progress))
+        """Add the resumed checkpoint (the live values just loaded) as the newest snapshot,
+        unless it is a stop save (off the save interval: an uninterrupted run holds no
+        snapshot of it)."""
+        if not self.resumed_stop_save:
+            self.ring.take(progress.iteration, self.position(progress))
 
     def due(self, progress: Progress) -> bool:
         """Whether the save at ``progress`` is a merge point: every ``merge.every``-th save
@@ -137,8 +146,8 @@ class OnlineMerge:
 
     def was_due(self, progress: Progress) -> bool:
         """Whether the save at ``progress``, already in the ring (a resumed one), was a merge
-        point."""
-        return len(self.ring) >= 2 and self._scheduled(progress)
+        point (never a stop save)."""
+        return not self.resumed_stop_save and len(self.ring) >= 2 and self._scheduled(progress)
 
     def _scheduled(self, progress: Progress) -> bool:
         c = self.config.checkpoint

@@ -5,9 +5,10 @@ thread (:class:`BackgroundPruner`), so no save waits while old checkpoints are d
 ever removes iterations older than the tracker's (so never the checkpoint being written, nor the
 one a restart would resume from), keeps the newest ``keep_last`` complete ones and every
 complete iteration that is a multiple of ``keep_every``, and removes incomplete folders older
-than the tracker (what killed saves left). A checkpoint is first renamed out of the
-``iter_*`` namespace, then deleted: a half-deleted folder never looks like a checkpoint. A
-failed delete is a warning, never an error.
+than the tracker (what killed saves left) and the saves made on a stop request once a newer
+checkpoint is complete (they exist to resume from, off the save interval). A checkpoint is
+first renamed out of the ``iter_*`` namespace, then deleted: a half-deleted folder never looks
+like a checkpoint. A failed delete is a warning, never an error.
 """
 
 from __future__ import annotations
@@ -17,9 +18,16 @@ import queue
 import shutil
 import sys
 import threading
+from collections.abc import Collection
 from pathlib import Path
 
-from wsm_megatron.layout import is_complete, iteration_dir, list_iterations, read_tracker
+from wsm_megatron.layout import (
+    is_complete,
+    is_stop_save,
+    iteration_dir,
+    list_iterations,
+    read_tracker,
+)
 
 DELETING_PREFIX = ".deleting-"
 
@@ -30,14 +38,19 @@ def checkpoints_to_prune(
     keep_last: int,
     keep_every: int | None = None,
     complete: set[int] | None = None,
+    stop_saves: Collection[int] = (),
 ) -> list[int]:
-    """The iterations to delete, given those on disk, the tracker's and which are complete
-    (default: all; pure, for testing). Only complete checkpoints count towards ``keep_last``;
-    an incomplete folder older than the tracker is the leftover of a killed save: deleted."""
+    """The iterations to delete, given those on disk, the tracker's, which are complete
+    (default: all) and which were saved on a stop request (pure, for testing). Only complete
+    checkpoints on the save interval count towards ``keep_last``; an incomplete folder older
+    than the tracker is the leftover of a killed save, and an older stop save is superseded:
+    both deleted."""
     if keep_last < 1:
         raise ValueError(f"keep_last must be >= 1, got {keep_last}")
     complete = set(iterations) if complete is None else complete
-    done = sorted(it for it in iterations if it <= tracker and it in complete)
+    done = sorted(
+        it for it in iterations if it <= tracker and it in complete and it not in stop_saves
+    )
     keep = set(done[-keep_last:]) | {tracker}
     if keep_every:
         keep |= {it for it in done if it % keep_every == 0}
@@ -54,7 +67,8 @@ def prune_checkpoints(root: str | Path, keep_last: int, keep_every: int | None =
     removed = []
     on_disk = list_iterations(root)
     complete = {it for it in on_disk if is_complete(root, it)}
-    for iteration in checkpoints_to_prune(on_disk, tracker, keep_last, keep_every, complete):
+    stops = {it for it in on_disk if is_stop_save(root, it)}
+    for iteration in checkpoints_to_prune(on_disk, tracker, keep_last, keep_every, complete, stops):
         path = iteration_dir(root, iteration)
         if path.is_symlink():  # a link points at a checkpoint someone keeps elsewhere
             continue

@@ -22,6 +22,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+import torch.distributed as dist
 from megatron.core import parallel_state, tensor_parallel
 from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
 from megatron.core.transformer.module import Float16Module
@@ -35,6 +36,7 @@ from wsm_megatron.data.loader import (
     reads_data,
 )
 from wsm_megatron.runtime import ParallelConfig, Runtime, init_distributed
+from wsm_megatron.runtime.termination import StopRequests
 from wsm_megatron.training.callbacks import (
     Callback,
     Callbacks,
@@ -79,6 +81,9 @@ class TrainResult:
     lrs: dict[int, float] = field(default_factory=dict)
     """The LR each iteration applied."""
     resumed_from: int | None = None
+    stopped: str | None = None
+    """Why the run stopped before ``train.train_iters`` (a signal's name, or
+    ``train.exit_duration_in_mins``) after saving; None when it ran to the end."""
     state: TrainState | None = None
 
 
@@ -215,7 +220,20 @@ def _describe(session: _Session, state: TrainState) -> str:
 
 
 def pretrain(config: WSMConfig) -> TrainResult:
-    """Train (or resume training) as ``config`` says; returns the progress and losses."""
+    """Train (or resume training) as ``config`` says; returns the progress and losses.
+
+    A signal of ``train.exit_signals`` or the end of ``train.exit_duration_in_mins`` makes
+    it save a checkpoint of the iteration it is at and return early (``result.stopped``)."""
+    stop = StopRequests(
+        config.train.exit_signals,
+        config.train.exit_duration_in_mins,
+        is_main=lambda: not dist.is_initialized() or dist.get_rank() == 0,
+    )
+    with stop:
+        return _pretrain(config, stop)
+
+
+def _pretrain(config: WSMConfig, stop: StopRequests) -> TrainResult:
     session = _start(config, need_train=True)
     config = session.config
     state = setup_model_and_optimizer(session.built, config)
@@ -235,7 +253,7 @@ def pretrain(config: WSMConfig) -> TrainResult:
         result.progress = _resume(config, checkpointer, callbacks, logger)
         if result.progress.iteration:
             result.resumed_from = result.progress.iteration
-        _Loop(session, state, scheduler, checkpointer, logger, callbacks, result).run()
+        _Loop(session, state, scheduler, checkpointer, logger, callbacks, result, stop).run()
     finally:
         callbacks.close()
         logger.close()
@@ -313,6 +331,7 @@ class _Loop:
     logger: MetricsLogger
     callbacks: Callbacks
     result: TrainResult
+    stop: StopRequests
 
     def run(self) -> None:
         config, progress = self.session.config, self.result.progress
@@ -320,7 +339,12 @@ class _Loop:
         batches = self._train_batches()
         flops = flops_per_iteration(config, self.session.built.vocab_size)
         self.callbacks.pre_train(progress)
+        first = progress.iteration
         while progress.iteration < t.train_iters:
+            reason = self.stop.poll()  # every rank at the same boundary
+            if reason is not None:
+                self._save_and_stop(progress, reason, ran=progress.iteration > first)
+                break
             info = self._step(batches)
             progress.iteration += 1
             progress.consumed_train_samples += t.global_batch_size
@@ -332,7 +356,29 @@ class _Loop:
             if info.saves:
                 self._save(progress)
         self.checkpointer.finalize(blocking=True)
-        self.callbacks.post_train(progress)
+        if self.result.stopped is None:
+            self.callbacks.post_train(progress)
+
+    def _save_and_stop(self, progress: Progress, reason: str, *, ran: bool) -> None:
+        """The checkpoint of the iteration the run is at, unless one exists (synchronous; a
+        stop save: no merge point, no snapshot), and the line that says so."""
+        self.result.stopped = reason
+        it, save = progress.iteration, self.session.config.checkpoint.save
+        head = f"  stopping at iteration {it} ({reason})"
+        if save is None:
+            self.logger.print(f"{head}: checkpoint.save is not set, nothing saved")
+        elif not ran:
+            held = f"the checkpoint of iteration {it}" if it else "nothing (no step ran)"
+            self.logger.print(f"{head} before its first step: {held} stays the resume point")
+        elif self.checkpointer.last_saved == it:
+            self.logger.print(f"{head}: its checkpoint is saved")
+        else:
+            start = time.perf_counter()
+            self.checkpointer.save(progress, stop_reason=reason)
+            self.logger.print(
+                f"{head}: saved checkpoint iteration {it} to {save} "
+                f"({time.perf_counter() - start:.1f} s); run the same command to resume"
+            )
 
     def _train_batches(self) -> Iterator[Batch] | None:
         """This rank's training microbatches from where ``progress`` left off."""

@@ -83,9 +83,8 @@ class OnlineMergeCallback(Callback):
     def pre_resume(self, resume_iteration: int) -> None:
         root = self.config.checkpoint.load_dir
         rebuilt, missing = self.result.ring_rebuild = self.online.rebuild(root, resume_iteration)
-        self.logger.print(
-            f"  online merge: ring rebuilt from {root} (iterations {rebuilt + [resume_iteration]})"
-        )
+        held = rebuilt + ([] if self.online.resumed_stop_save else [resume_iteration])
+        self.logger.print(f"  online merge: ring rebuilt from {root} (iterations {held})")
         for it, problem in self.online.damaged.items():
             self.logger.print(f"  WARNING: online merge: skipping iteration {it}: {problem}")
         if missing:

@@ -141,6 +141,22 @@ class ModelConfig:
         return [n for n in names if getattr(self, n)]
 
     @property
+    def ffn_size(self) -> int:
+        """``ffn_hidden_size``, or Megatron-LM's default for it: ``4h``, and with SwiGLU
+        ``int(8h/3/64)*64`` (the gated MLP's two input projections keep its parameters near
+        ``4h``'s, rounded down to a multiple of 64)."""
+        if self.ffn_hidden_size is not None:
+            return self.ffn_hidden_size
+        if self.swiglu:
+            return int((4 * self.hidden_size * 2 / 3) / 64) * 64
+        return 4 * self.hidden_size
+
+    @property
+    def moe_expert_ffn_size(self) -> int:
+        """An expert's width: ``moe_ffn_hidden_size``, else :attr:`ffn_size` (Megatron-LM)."""
+        return self.moe_ffn_hidden_size or self.ffn_size
+
+    @property
     def is_moe(self) -> bool:
         return self.num_experts is not None
 

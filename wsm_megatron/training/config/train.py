@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import signal
+from dataclasses import dataclass, field
 from typing import Literal
 
 from wsm_megatron.training.config.errors import ConfigError, _positive
@@ -40,6 +41,13 @@ class TrainConfig:
     seed: int = 1234
     eval_interval: int | None = None
     eval_iters: int = 10
+    exit_signals: list[str] = field(default_factory=lambda: ["SIGTERM", "SIGUSR1"])
+    """Signals that ask the run to save a checkpoint of the current iteration and stop
+    (Megatron-LM's ``--exit-signal-handler``, on here by default; ``[]``: die as the signal
+    says). SLURM sends SIGTERM at the time limit and preemption, ``--signal=USR1@120`` before."""
+    exit_duration_in_mins: float | None = None
+    """Save and stop once this many minutes have passed since the run started (Megatron-LM's
+    ``--exit-duration-in-mins``): set it below the job's time limit by the time a save takes."""
 
     def __post_init__(self) -> None:
         _positive(
@@ -53,7 +61,9 @@ class TrainConfig:
             adam_eps=self.adam_eps,
             eval_interval=self.eval_interval,
             eval_iters=self.eval_iters,
+            exit_duration_in_mins=self.exit_duration_in_mins,
         )
+        self._check_exit_signals()
         for name in ("min_lr", "lr_warmup_iters", "lr_warmup_init", "weight_decay", "clip_grad"):
             if getattr(self, name) < 0:
                 raise ConfigError(f"train.{name}: must be >= 0, got {getattr(self, name)}")
@@ -90,6 +100,15 @@ class TrainConfig:
                 f"train.lr_wsd_decay_iters: only the wsd schedule decays in a final phase "
                 f"(lr_schedule is {self.lr_schedule!r})"
             )
+
+    def _check_exit_signals(self) -> None:
+        for name in self.exit_signals:
+            known = name in signal.Signals.__members__
+            if not known or name in ("SIGKILL", "SIGSTOP"):
+                raise ConfigError(
+                    f"train.exit_signals: {name!r} is not a signal that can be caught "
+                    "(e.g. SIGTERM, SIGUSR1, SIGUSR2, SIGINT)"
+                )
 
     @property
     def decay_iters(self) -> int:
