@@ -39,7 +39,7 @@ def test_slurm_environment_derives_rendezvous():
     env = detect_launch_env(SLURM)
     assert (env.rank, env.world_size, env.local_rank, env.launcher) == (9, 16, 1, "slurm")
     assert env.master_addr == "gpu003"
-    assert env.master_port == 20000 + 123456 % 20000
+    assert env.master_port == 20000 + 123456 % 12768
 
 
 def test_slurm_explicit_master_wins():

@@ -9,7 +9,8 @@ One place decides rank, world size, local rank and rendezvous address:
   ``MASTER_PORT`` or else a port derived from ``SLURM_JOB_ID``;
 - otherwise a single process on localhost.
 
-NCCL with one CUDA device per local rank when GPUs exist, gloo on CPU otherwise (and then the CPU
+NCCL with one CUDA device per local rank when GPUs exist (the only visible one under a one-GPU-per-task
+binding), gloo on CPU otherwise (and then the CPU
 compatibility layer of :mod:`wsm_megatron.runtime.cpu_compat` is installed).
 """
 
@@ -127,6 +128,34 @@ def _int_var(env: Mapping[str, str], name: str) -> int:
 RENDEZVOUS_PORTS = range(20000, 32768)
 
 
+def slurm_job_port(job_id: int, ports: range = RENDEZVOUS_PORTS) -> int:
+    """The rendezvous port of SLURM job ``job_id``: ``20000 + job_id % 12768`` (20000-32767).
+
+    ``launch/slurm.sbatch`` exports the same ``MASTER_PORT`` (the two must agree): every task of
+    the job derives the same port without talking, below the ephemeral range.
+    """
+    return ports.start + job_id % len(ports)
+
+
+def cuda_device_index(local_rank: int, visible: int) -> int:
+    """The CUDA device of a process with ``local_rank`` that sees ``visible`` GPUs.
+
+    One visible GPU is this task's own (srun ``--gpus-per-task=1``, or any binding that gives
+    each task one GPU through ``CUDA_VISIBLE_DEVICES``): device 0. Otherwise every task sees the
+    node's GPUs and the local rank picks one.
+    """
+    if visible < 1:
+        raise ValueError("no GPU is visible to this process")
+    if visible == 1:
+        return 0
+    if 0 <= local_rank < visible:
+        return local_rank
+    raise ValueError(
+        f"local rank {local_rank} sees {visible} GPUs: bind one GPU per task "
+        "(srun --gpus-per-task=1) or all of the node's GPUs to every task"
+    )
+
+
 def free_port(ports: range = RENDEZVOUS_PORTS) -> int:
     """A TCP port that nothing holds now on any address, chosen at random from ``ports``."""
     for port in random.SystemRandom().sample(ports, min(len(ports), 256)):
@@ -173,7 +202,7 @@ def detect_launch_env(env: Mapping[str, str] | None = None) -> LaunchEnv:
         if "MASTER_PORT" in env:
             port = _int_var(env, "MASTER_PORT")
         elif "SLURM_JOB_ID" in env:
-            port = 20000 + _int_var(env, "SLURM_JOB_ID") % 20000
+            port = slurm_job_port(_int_var(env, "SLURM_JOB_ID"))
         else:
             raise ValueError("SLURM job without MASTER_PORT or SLURM_JOB_ID")
         launched = LaunchEnv(rank, world, local_rank, addr, port, "slurm")
@@ -244,12 +273,9 @@ def init_distributed(
         raise ValueError("backend 'nccl' needs CUDA, and no GPU is visible")
 
     if use_cuda:
-        if launch.local_rank >= torch.cuda.device_count():
-            raise ValueError(
-                f"local rank {launch.local_rank} but only {torch.cuda.device_count()} GPUs visible"
-            )
-        torch.cuda.set_device(launch.local_rank)
-        device, backend = torch.device("cuda", launch.local_rank), "nccl"
+        index = cuda_device_index(launch.local_rank, torch.cuda.device_count())
+        torch.cuda.set_device(index)
+        device, backend = torch.device("cuda", index), "nccl"
     else:
         if megatron:
             cpu_compat.install()

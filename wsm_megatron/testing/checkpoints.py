@@ -265,11 +265,47 @@ def cuda_type_names() -> Iterator[None]:
         torch.Tensor.type = original  # type: ignore[method-assign]
 
 
-def distributed_optimizer_model(*, tp: int = 1, num_layers: int = 2) -> tuple[Any, Any, Any]:
+@contextlib.contextmanager
+def torch_adam_step_kept() -> Iterator[None]:
+    """Inside, megatron-core's ``DistributedOptimizer`` loads ``fully_reshardable`` state into
+    torch's Adam: megatron-core 0.16 copies every per-parameter state key there, torch's Adam
+    has a per-parameter ``step`` that the format does not store (TE's FusedAdam, the GPU
+    optimizer, keeps it in the param groups), and megatron-core sets that step from the param
+    groups itself. Test-only, as :func:`cuda_type_names`."""
+    from megatron.core.optimizer.distrib_optimizer import DistributedOptimizer
+
+    original = DistributedOptimizer._set_main_param_and_optimizer_states
+
+    def set_states(self: Any, model_param: Any, tensors: dict[str, Any]) -> None:
+        group_index, group_order = self.model_param_group_index_map[model_param]
+        main_param = self.optimizer.param_groups[group_index]["params"][group_order]
+        step = self.optimizer.state[main_param].pop("step", None)
+        try:
+            original(self, model_param, tensors)
+        finally:
+            if step is not None:
+                self.optimizer.state[main_param]["step"] = step
+
+    DistributedOptimizer._set_main_param_and_optimizer_states = set_states
+    try:
+        yield
+    finally:
+        DistributedOptimizer._set_main_param_and_optimizer_states = original
+
+
+def distributed_optimizer_model(
+    *,
+    tp: int = 1,
+    num_layers: int = 2,
+    overlap_grad_reduce: bool = False,
+    bucket_size: int | None = None,
+    clip_grad: float = 1.0,
+) -> tuple[Any, Any, Any]:
     """``(model, ddp, optimizer)``: a small bf16 GPT in ``Float16Module`` and Megatron DDP with
     megatron-core's ``DistributedOptimizer`` (Adam, fp32 main weights, state sharded over the
     data-parallel ranks), as Megatron-LM builds them; initialises the parallel state if needed.
-    Call the optimizer inside :func:`cuda_type_names`."""
+    ``overlap_grad_reduce`` and ``bucket_size`` set DDP's bucket layout (without the overlap:
+    one bucket, Megatron-LM's default). Call the optimizer inside :func:`cuda_type_names`."""
     from megatron.core import parallel_state
     from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
     from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
@@ -281,10 +317,15 @@ def distributed_optimizer_model(*, tp: int = 1, num_layers: int = 2) -> tuple[An
         init_distributed(ParallelConfig(tp, 1))
     model = tiny_gpt(num_layers=num_layers, params_dtype=torch.bfloat16, seed=1234)
     ddp_config = DistributedDataParallelConfig(
-        grad_reduce_in_fp32=True, use_distributed_optimizer=True
+        grad_reduce_in_fp32=True,
+        use_distributed_optimizer=True,
+        overlap_grad_reduce=overlap_grad_reduce,
+        bucket_size=bucket_size,
     )
     ddp = DistributedDataParallel(model.config, ddp_config, Float16Module(model.config, model))
-    config = OptimizerConfig(optimizer="adam", lr=1e-3, bf16=True, params_dtype=torch.bfloat16)
+    config = OptimizerConfig(
+        optimizer="adam", lr=1e-3, bf16=True, params_dtype=torch.bfloat16, clip_grad=clip_grad
+    )
     config.use_distributed_optimizer = True
     with cuda_type_names():
         optimizer = get_megatron_optimizer(config, [ddp])

@@ -214,9 +214,15 @@ def save_due(config: WSMConfig, progress: Progress, samples_this_iteration: int)
 
 
 def checkpoint_args(
-    config: WSMConfig, progress: Progress, *, vocab_size: int, padded_vocab_size: int
+    config: WSMConfig,
+    progress: Progress,
+    *,
+    vocab_size: int,
+    padded_vocab_size: int,
+    bucket_size: int | None = None,
 ) -> Namespace:
-    """The ``args`` Namespace Megatron-LM stores, under Megatron-LM's argument names."""
+    """The ``args`` Namespace Megatron-LM stores, under Megatron-LM's argument names
+    (``bucket_size``: DDP's, None for one bucket)."""
     m, p, t, c = config.model, config.parallel, config.train, config.checkpoint
     world = dist.get_world_size()
     return Namespace(
@@ -257,6 +263,9 @@ def checkpoint_args(
         world_size=world,
         data_parallel_size=parallel_state.get_data_parallel_world_size(),
         use_distributed_optimizer=p.use_distributed_optimizer and not cpu_compat.is_active(),
+        overlap_grad_reduce=bucket_size is not None,
+        ddp_bucket_size=bucket_size,
+        overlap_param_gather=p.overlap_param_gather and not cpu_compat.is_active(),
         micro_batch_size=t.micro_batch_size,
         global_batch_size=t.global_batch_size,
         train_iters=t.train_iters,
@@ -332,11 +341,25 @@ def _forget_completion(ckpt_dir: Path) -> None:
         (ckpt_dir / name).unlink(missing_ok=True)
 
 
-def _content_metadata(distributed_optimizer: bool) -> dict[str, Any]:
-    """What Megatron-LM's ``_build_sharded_state_dict_metadata`` passes to sharded_state_dict."""
-    metadata: dict[str, Any] = {"singleton_local_shards": False, "chained_optim_avoid_prefix": True}
-    if distributed_optimizer:
-        metadata["distrib_optim_sharding_type"] = "dp_reshardable"
+OPTIMIZER_SHARDING = "dp_reshardable"
+"""How the distributed optimizer's state is saved: Megatron-LM's default, each rank writing its
+own flat share (no gather), keyed by DDP bucket, so it loads only under the same bucket layout
+(:func:`check_bucket_layout`). megatron-core 0.16 offers no usable bucket-independent format:
+``fully_sharded_model_space`` is refused by its own validation (``flattened_range``) and
+``fully_reshardable`` misplaces the state of a layout with several buckets (see
+``tests/test_optimizer_format.py``)."""
+
+
+def _content_metadata(distributed_optimizer: bool, saved: dict | None = None) -> dict[str, Any]:
+    """What Megatron-LM's ``_build_sharded_state_dict_metadata`` passes to sharded_state_dict:
+    for a save, ours; for a load, the checkpoint's ``saved`` content metadata (its optimizer
+    format, so a ``dp_reshardable`` checkpoint of Megatron-LM loads as one)."""
+    if saved is not None:
+        metadata = dict(saved)
+    else:
+        metadata = {"singleton_local_shards": False, "chained_optim_avoid_prefix": True}
+        if distributed_optimizer:
+            metadata["distrib_optim_sharding_type"] = OPTIMIZER_SHARDING
     metadata["dp_cp_group"] = parallel_state.get_data_parallel_group(with_context_parallel=True)
     return metadata
 
@@ -396,6 +419,48 @@ def load_model_only(
     return iteration
 
 
+def bucket_layout(state: TrainState) -> int | None:
+    """The DDP bucket size the run's distributed optimizer state is keyed by (None: one
+    bucket, as without ``overlap_grad_reduce``)."""
+    return state.model[0].ddp_config.bucket_size
+
+
+def check_bucket_layout(ckpt_dir: Path, common: dict[str, Any], state: TrainState) -> None:
+    """One clear line, before megatron-core's bare assertion, when the checkpoint's
+    bucket-keyed (``dp_reshardable``) optimizer state was saved under another bucket layout."""
+    metadata = common.get("content_metadata") or {}
+    if metadata.get("distrib_optim_sharding_type") != "dp_reshardable":
+        return
+    args = common.get("args")
+    saved_overlap = getattr(args, "overlap_grad_reduce", None)
+    if saved_overlap is None:  # not recorded: megatron-core checks the sizes itself
+        return
+    saved = getattr(args, "ddp_bucket_size", None) if saved_overlap else None
+    here = bucket_layout(state)
+    if saved == here:
+        return
+
+    def describe(size: int | None) -> str:
+        return "one bucket" if size is None else f"buckets of {size} parameters"
+
+    raise ValueError(
+        f"checkpoint.no_load_optim: the optimizer state of {ckpt_dir} is keyed by DDP bucket "
+        f"(dp_reshardable) and was saved with {describe(saved)} "
+        f"(overlap_grad_reduce={saved_overlap}); this run has {describe(here)}: set "
+        f"parallel.overlap_grad_reduce={saved_overlap} as it was saved, or "
+        "checkpoint.no_load_optim=true to start the optimizer afresh"
+    )
+
+
+def _allocate_optimizer_state(optimizer: Any) -> None:
+    """Adam's state allocated before a load fills it: torch's Adam (no TE or apex) creates it
+    at the first step, and megatron-core's distributed optimizer cannot describe its state
+    without it. megatron-core's own dummy step (zero gradients), as its FSDP path does."""
+    for inner in getattr(optimizer, "chained_optimizers", [optimizer]):
+        if hasattr(inner, "_init_optimizer_states_with_dummy_values") and not inner.optimizer.state:
+            inner._init_optimizer_states_with_dummy_values()
+
+
 class Checkpointer:
     """Saves (every interval, asynchronously on GPU), prunes and resumes one training run."""
 
@@ -426,21 +491,33 @@ class Checkpointer:
         return save_due(self.config, progress, samples_this_iteration)
 
     # ------------------------------------------------------------------ state dicts
-    def _state_dict(self, progress: Progress, *, optimizer: bool, rng: bool, loading: bool) -> dict:
+    def _state_dict(
+        self,
+        progress: Progress,
+        *,
+        optimizer: bool,
+        rng: bool,
+        loading: bool,
+        metadata: dict[str, Any] | None = None,
+    ) -> dict:
+        """The state dict a save writes (or a load fills), sharded with ``metadata``
+        (default: this run's)."""
+        metadata = self.metadata if metadata is None else metadata
         state_dict: dict[str, Any] = {
             "args": checkpoint_args(
                 self.config,
                 progress,
                 vocab_size=self.vocab_size,
                 padded_vocab_size=self.padded_vocab_size,
+                bucket_size=bucket_layout(self.state),
             ),
             "checkpoint_version": CHECKPOINT_VERSION,
             "iteration": progress.iteration,
         }
-        state_dict.update(model_sharded_state_dict(self.state.model, self.metadata))
+        state_dict.update(model_sharded_state_dict(self.state.model, metadata))
         if optimizer:
             state_dict["optimizer"] = self.state.optimizer.sharded_state_dict(
-                state_dict, is_loading=loading, metadata=self.metadata
+                state_dict, is_loading=loading, metadata=metadata
             )
             state_dict["opt_param_scheduler"] = self.scheduler.state_dict()
         if rng:
@@ -622,7 +699,14 @@ class Checkpointer:
                 common.get("num_floating_point_operations_so_far", 0.0)
             ),
         )
-        template = self._state_dict(saved, optimizer=load_optim, rng=load_rng, loading=True)
+        if load_optim and self.state.distributed_optimizer:
+            check_bucket_layout(ckpt_dir, common, self.state)
+            _allocate_optimizer_state(self.state.optimizer)
+        saved_metadata = dist_checkpointing.load_content_metadata(preloaded_state_dict=common)
+        metadata = _content_metadata(self.state.distributed_optimizer, saved_metadata)
+        template = self._state_dict(
+            saved, optimizer=load_optim, rng=load_rng, loading=True, metadata=metadata
+        )
         loaded = dist_checkpointing.load(
             template,
             str(ckpt_dir),
