@@ -9,9 +9,9 @@ One place decides rank, world size, local rank and rendezvous address:
   ``MASTER_PORT`` or else a port derived from ``SLURM_JOB_ID``;
 - otherwise a single process on localhost.
 
-NCCL with one CUDA device per local rank when GPUs exist (the only visible one under a one-GPU-per-task
-binding), gloo on CPU otherwise (and then the CPU
-compatibility layer of :mod:`wsm_megatron.runtime.cpu_compat` is installed).
+NCCL with one CUDA device per local rank when GPUs exist (the only visible one under a
+one-GPU-per-task binding), gloo on CPU otherwise (and then the CPU compatibility layer of
+:mod:`wsm_megatron.runtime.cpu_compat` is installed).
 """
 
 from __future__ import annotations
