@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from wsm_megatron.cli.merge import main
-from wsm_megatron.layout import iteration_dir, write_tracker
+from wsm_megatron.layout import STOP_SAVE_FILENAME, iteration_dir, write_tracker
 from wsm_megatron.merge import MergeConfig, MergeError, merge
 from wsm_megatron.merge.config import Selection
 from wsm_megatron.merge.selection import RunPoint, run_positions, select_checkpoints
@@ -78,6 +78,15 @@ def test_end_that_is_not_a_checkpoint_refused(tmp_path):
     write_tracker(root, 400)
     with pytest.raises(MergeError, match="the tracker .* names iteration 400, which is not a"):
         select_checkpoints(root, Selection(last=2))
+
+
+def test_stop_saves_are_no_window_members(tmp_path):
+    # A run stopped on a signal at 437 (saves every 25): its stop save is the tracker's.
+    root = _root(tmp_path, (350, 375, 400, 425, 437))
+    (iteration_dir(root, 437) / STOP_SAVE_FILENAME).write_text('{"iteration": 437}')
+    assert select_checkpoints(root, Selection(last=3)).iterations == (375, 400, 425)
+    named = select_checkpoints(root, Selection(iterations=(425, 437)))  # asked for: merged
+    assert named.iterations == (425, 437)
 
 
 def test_partial_window_flag_needs_a_window():

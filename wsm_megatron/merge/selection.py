@@ -10,7 +10,13 @@ from typing import Any
 
 import torch
 
-from wsm_megatron.layout import TRACKER_FILENAME, iteration_dir, list_iterations, read_tracker
+from wsm_megatron.layout import (
+    TRACKER_FILENAME,
+    is_stop_save,
+    iteration_dir,
+    list_iterations,
+    read_tracker,
+)
 from wsm_megatron.merge.config import Selection
 from wsm_megatron.merge.dcp_format import Metadata, MetadataIndex, read_metadata
 from wsm_megatron.merge.errors import MergeError
@@ -152,6 +158,10 @@ def _end_iteration(root: Path, selection: Selection, available: list[int]) -> in
             raise MergeError(str(err)) from None
         if end is None:
             return max(available)
+        if is_stop_save(root, end):  # the newest save on the interval before it ends the merge
+            older = [it for it in available if it < end]
+            if older:
+                return older[-1]
         where = f"the tracker {root / TRACKER_FILENAME} names iteration {end}"
     else:
         where = f"--end-iteration {end}"
@@ -189,7 +199,8 @@ def select_checkpoints(root: Path, selection: Selection) -> Selected:
         chosen = list(selection.iterations)
         end = None
     else:
-        available = list_iterations(root)
+        # saves made on a stop request lie off the save interval: no window member
+        available = [it for it in list_iterations(root) if not is_stop_save(root, it)]
         if not available:
             raise MergeError(f"no iter_* checkpoint directories under {root}")
         end = _end_iteration(root, selection, available)
