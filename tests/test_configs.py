@@ -209,3 +209,18 @@ def test_config_errors_and_print_config_import_neither_torch_nor_megatron(tmp_pa
         [sys.executable, "-c", probe, str(TINY)], capture_output=True, text=True, check=True
     )
     assert done.stderr.splitlines()[-1] == "[2, 0] []"
+
+
+@pytest.mark.parametrize("path", CONFIGS, ids=[p.stem for p in CONFIGS])
+def test_configs_state_every_default_that_differs_from_megatron_lm(path):
+    from wsm_megatron.training.config.megatron_defaults import DIFFERENCES, stated_keys
+
+    raw, config = yaml.safe_load(path.read_text()), load_config(path)
+    for key in stated_keys(config.model.is_moe):
+        section, name = key.split(".")
+        assert name in (raw.get(section) or {}), f"{path.name} does not state {key}"
+    # and the table is true of our defaults: each differs from Megatron-LM's
+    for key, difference in DIFFERENCES.items():
+        section, name = key.split(".")
+        ours = getattr(getattr(config, section), name)
+        assert ours != difference.megatron_lm, key

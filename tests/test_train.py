@@ -24,6 +24,32 @@ def _resume_then_evaluate(overrides: list[str], checkpoints: list[str]) -> dict:
     return trained
 
 
+# What Megatron-LM's load_checkpoint reads from a checkpoint's args (megatron/training/
+# checkpointing.py: check_checkpoint_args, load_checkpoint, load_args_from_checkpoint; read
+# from its source, 2026): a missing one is an AttributeError there or a silent default.
+MEGATRON_LM_READS = (
+    # check_checkpoint_args (getattr without a default)
+    "num_layers", "hidden_size", "num_attention_heads", "add_position_embedding",
+    "max_position_embeddings", "make_vocab_size_divisible_by", "tokenizer_type",
+    "padded_vocab_size",
+    # load_checkpoint
+    "tensor_model_parallel_size", "pipeline_model_parallel_size", "world_size",
+    "data_parallel_size", "no_save_rng", "no_save_optim", "consumed_train_samples",
+    "skipped_train_samples", "consumed_valid_samples", "ckpt_fully_parallel_save", "async_save",
+    # load_args_from_checkpoint
+    "ffn_hidden_size", "seq_length", "kv_channels", "num_query_groups", "group_query_attention",
+    "position_embedding_type", "use_rotary_position_embeddings", "rotary_base", "rotary_percent",
+    "rotary_interleaved", "add_bias_linear", "add_qkv_bias", "squared_relu", "swiglu",
+    "untie_embeddings_and_output_weights", "apply_layernorm_1p", "normalization",
+    "apply_query_key_layer_scaling", "attention_dropout", "hidden_dropout", "spec",
+    "num_experts", "moe_layer_freq", "moe_ffn_hidden_size", "moe_router_topk",
+    "moe_router_pre_softmax", "moe_grouped_gemm", "moe_shared_expert_intermediate_size",
+    "moe_router_score_function", "moe_router_enable_expert_bias",
+    "moe_router_topk_scaling_factor", "tokenizer_model", "ckpt_format",
+    "virtual_pipeline_model_parallel_size", "expert_model_parallel_size",
+)  # fmt: skip
+
+
 def _same_weights(a: dict, b: dict) -> bool:
     return a.keys() == b.keys() and all(np.array_equal(a[k], b[k]) for k in a)
 
@@ -61,6 +87,13 @@ def test_tp2_pp2_train_resume_retention_merge_evaluate(corpus_dir, tmp_path):
         common_state
     )
     assert common_state["opt_param_scheduler"]["num_steps"] == 48  # samples, as Megatron-LM
+    missing = [name for name in MEGATRON_LM_READS if not hasattr(args, name)]
+    assert not missing, f"Megatron-LM's load_checkpoint reads args.{missing}"
+    assert (args.ffn_hidden_size, args.add_position_embedding, args.no_save_optim) == (
+        128,
+        False,
+        False,
+    )
 
     # 2. Four iterations, then a fresh set of processes resumes to six.
     run_distributed(
