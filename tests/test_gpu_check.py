@@ -40,9 +40,11 @@ def test_dry_run_checks_configs_and_prints_every_step(tmp_path):
     assert result.returncode == 0, result.stderr
     steps = [line.split("]")[0][3:] for line in result.stdout.splitlines() if line[:3] == "+ ["]
     assert steps == [
-        "install", "environment", "gpu-tests", "train", "resume", "recompute", "vpp", "summary",
-        "kernels",
+        "install", "environment", "gpu-tests", "train", "resume", "stop", "recompute", "vpp",
+        "summary", "kernels",
     ]  # fmt: skip
+    stop = next(line for line in result.stdout.splitlines() if line.startswith("+ [stop]"))
+    assert "saved_and_stopped" in stop and "train.exit_duration_in_mins=1" in stop
     train = next(line for line in result.stdout.splitlines() if line.startswith("+ [train]"))
     assert "--nproc-per-node 2" in train and "configs/gpt-125m.yaml" in train
     assert "train.global_batch_size=128" in train and "checkpoint.async_save=true" in train

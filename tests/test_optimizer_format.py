@@ -36,9 +36,17 @@ def _grads(model: torch.nn.Module, step: int) -> None:
         param.main_grad.copy_(torch.randn(param.shape, generator=g))
 
 
-def _run(root: str, mode: str, overlap: bool, bucket_size: int | None, sharding: str) -> dict:
+def _run(
+    root: str,
+    mode: str,
+    overlap: bool,
+    bucket_size: int | None,
+    sharding: str,
+    fixed: bool = True,
+) -> dict:
     """``save``: two steps, a checkpoint at 2 (in ``sharding``), a third step. ``load``: resume
-    the checkpoint at 2, the third step. Returns the weights after step 3 and the buckets."""
+    the checkpoint at 2, the third step. Returns the weights after step 3 and the buckets.
+    ``fixed``: with the trainer's fix of megatron-core's ``fully_reshardable`` offsets."""
     from wsm_megatron.testing.checkpoints import (
         cuda_type_names,
         distributed_optimizer_model,
@@ -46,7 +54,7 @@ def _run(root: str, mode: str, overlap: bool, bucket_size: int | None, sharding:
     )
     from wsm_megatron.training.checkpointing import Checkpointer, Progress
     from wsm_megatron.training.config import load_config
-    from wsm_megatron.training.optimizer import TrainState
+    from wsm_megatron.training.optimizer import TrainState, fix_fully_reshardable_offsets
     from wsm_megatron.training.schedules import build_scheduler
 
     model, ddp, optimizer = distributed_optimizer_model(
@@ -55,6 +63,8 @@ def _run(root: str, mode: str, overlap: bool, bucket_size: int | None, sharding:
     config = load_config(
         TINY_CONFIG, [f"checkpoint.save={root}", "parallel.tensor_model_parallel_size=1"]
     )
+    if fixed:
+        fix_fully_reshardable_offsets(optimizer)
     state = TrainState([ddp], optimizer, distributed_optimizer=True, overlap_param_gather=False)
     checkpointer = Checkpointer(
         config,
@@ -121,18 +131,36 @@ def test_another_bucket_layout_is_refused_in_one_line(tmp_path: Path, saved_over
         f"parallel.overlap_grad_reduce={saved_overlap} as it was saved, or "
         "checkpoint.no_load_optim=true to start the optimizer afresh"
     ) in error
+    assert "checkpoint.optimizer_format=fully_reshardable saves state that any bucket" in error
+
+
+@pytest.mark.parametrize("saved_overlap", [True, False])
+def test_fully_reshardable_resumes_under_any_bucket_layout_and_dp_size(
+    tmp_path: Path, saved_overlap: bool
+):
+    # Megatron-LM with its defaults (one bucket) resumes it as we do: by its content metadata.
+    root, full = str(tmp_path / "ckpts"), "fully_reshardable"
+    saved = SMALL_BUCKETS if saved_overlap else None
+    straight = run_distributed(_run, 2, root, "save", saved_overlap, saved, full)
+    here = None if saved_overlap else SMALL_BUCKETS
+    resumed = run_distributed(_run, 2, root, "load", not saved_overlap, here, full)
+    assert sorted([straight[0]["buckets"], resumed[0]["buckets"]])[0] == 1
+    for a, b in zip(straight, resumed, strict=True):
+        assert _same(a["weights"], b["weights"])
+    (alone,) = run_distributed(_run, 1, root, "load", not saved_overlap, here, full)  # DP 2 -> 1
+    assert _same(alone["weights"], straight[0]["weights"])
 
 
 def test_canary_megatron_cores_fully_reshardable_misplaces_several_buckets(tmp_path: Path):
     one, several = str(tmp_path / "one"), str(tmp_path / "several")
     full = "fully_reshardable"
-    straight = run_distributed(_run, 2, one, "save", False, None, full)
-    resumed = run_distributed(_run, 2, one, "load", False, None, full)
+    straight = run_distributed(_run, 2, one, "save", False, None, full, False)
+    resumed = run_distributed(_run, 2, one, "load", False, None, full, False)
     assert _same(straight[0]["weights"], resumed[0]["weights"])  # one bucket: right
-    straight = run_distributed(_run, 2, several, "save", True, SMALL_BUCKETS, full)
-    resumed = run_distributed(_run, 2, several, "load", True, SMALL_BUCKETS, full)
+    straight = run_distributed(_run, 2, several, "save", True, SMALL_BUCKETS, full, False)
+    resumed = run_distributed(_run, 2, several, "load", True, SMALL_BUCKETS, full, False)
     assert not _same(straight[0]["weights"], resumed[0]["weights"]), (
-        "megatron-core's fully_reshardable now survives several buckets: make it the format"
+        "megatron-core's fully_reshardable now survives several buckets: drop our fix"
     )
     with pytest.raises(RuntimeError, match="flattened_range is not supported"):
         run_distributed(

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# One-shot GPU verification of wsm-megatron: about 9 minutes on one GPU.
+# One-shot GPU verification of wsm-megatron: about 10 minutes on one GPU.
 #
 #   tools/gpu_check.sh [--dry-run] [--only STEP,...] [--wheels DIR] [--out DIR] [--gpus N]
 #                      [--iters N] [override ...]
@@ -12,12 +12,14 @@
 #      Engine layers when importable, asynchronous saves and the online merge, on the embedded
 #      corpus (no data to bring): ITERS iterations, a checkpoint every ITERS/2;
 #   4. the resume check: the same command for ITERS/2 more iterations must resume at ITERS;
+#      the stop check: a long run past its time budget (train.exit_duration_in_mins=1, the
+#      path SIGTERM/SIGUSR1 take) must save the iteration it is at and exit with status 3;
 #   5. the same model with selective activation recomputation (and, with 2+ GPUs, PP=2 with
 #      2 virtual stages), ITERS/2 iterations, for throughput;
 #   6. tokens/s and model TFLOP/s per GPU of each run (median over the logged intervals after
 #      the first), then the kernel benchmark table (tools/bench_kernels.py).
 # Step names for --only (to rerun what failed): install environment gpu-tests train resume
-# recompute vpp summary kernels. Results go to OUT (default runs/gpu-check): one log per step
+# stop recompute vpp summary kernels. Results go to OUT (default runs/gpu-check): one log per step
 # (summary.log holds the throughput table), metrics files, kernels.png.
 #
 # A bare machine (Python 3.12 and a CUDA torch, no package index) needs megatron-core carried
@@ -111,8 +113,9 @@ train_cmd() {
 
 # The training runs: name, iterations, extra overrides.
 RUNS=("gpt125m $ITERS" "gpt125m $((ITERS + HALF))"
+  "stop $((ITERS * 100)) train.exit_duration_in_mins=1"
   "recompute $HALF model.recompute_granularity=selective")
-NAMES=(train resume recompute)
+NAMES=(train resume stop recompute)
 if [[ $GPUS -ge 2 ]]; then
   RUNS+=("vpp $HALF parallel.pipeline_model_parallel_size=2
     parallel.virtual_pipeline_model_parallel_size=2")
@@ -140,9 +143,23 @@ EOF
 # Only the files that hold gpu tests: the others import packages a bare image may lack (lm-eval).
 mapfile -t GPU_TEST_FILES < <(grep -l "mark.gpu" "$REPO"/tests/*.py)
 step gpu-tests "$PY" -m pytest -q -o addopts= -m gpu -p no:cacheprovider "${GPU_TEST_FILES[@]}"
+# The stop check's verdict: status 3 and a stop save of the iteration the tracker names.
+saved_and_stopped() {
+  "$@"
+  local status=$? root=$OUT/stop/checkpoints it
+  [[ $status == 3 ]] || { echo "stop: FAILED: exit status $status, expected 3"; return 1; }
+  it=$(cat "$root/latest_checkpointed_iteration.txt") || return 1
+  [[ -f $root/iter_$(printf %07d "$it")/wsm_stop_save.json ]] \
+    || { echo "stop: FAILED: iteration $it is no stop save"; return 1; }
+  echo "stop: ok: saved iteration $it at the time budget and exited with status 3"
+}
 for i in "${!RUNS[@]}"; do
   train_cmd ${RUNS[$i]}
-  step "${NAMES[$i]}" "${TRAIN[@]}"
+  if [[ ${NAMES[$i]} == stop ]]; then
+    step stop saved_and_stopped "${TRAIN[@]}"
+  else
+    step "${NAMES[$i]}" "${TRAIN[@]}"
+  fi
 done
 
 step summary "$PY" - "$OUT" "$ITERS" <<'EOF'

@@ -362,25 +362,25 @@ def _forget_completion(ckpt_dir: Path) -> None:
         (ckpt_dir / name).unlink(missing_ok=True)
 
 
-OPTIMIZER_SHARDING = "dp_reshardable"
-"""How the distributed optimizer's state is saved: Megatron-LM's default, each rank writing its
-own flat share (no gather), keyed by DDP bucket, so it loads only under the same bucket layout
-(:func:`check_bucket_layout`). megatron-core 0.16 offers no usable bucket-independent format:
-``fully_sharded_model_space`` is refused by its own validation (``flattened_range``) and
-``fully_reshardable`` misplaces the state of a layout with several buckets (see
-``tests/test_optimizer_format.py``)."""
-
-
-def _content_metadata(distributed_optimizer: bool, saved: dict | None = None) -> dict[str, Any]:
+def _content_metadata(
+    distributed_optimizer: bool, optimizer_format: str | None, saved: dict | None = None
+) -> dict[str, Any]:
     """What Megatron-LM's ``_build_sharded_state_dict_metadata`` passes to sharded_state_dict:
-    for a save, ours; for a load, the checkpoint's ``saved`` content metadata (its optimizer
-    format, so a ``dp_reshardable`` checkpoint of Megatron-LM loads as one)."""
+    for a save, ours (``checkpoint.optimizer_format``); for a load, the checkpoint's ``saved``
+    content metadata (its optimizer format, as Megatron-LM reads it).
+
+    megatron-core 0.16 has no bucket-independent format that gathers nothing:
+    ``fully_sharded_model_space`` is refused by its own validation (``flattened_range``), and
+    ``fully_reshardable`` gathers (right for several buckets only with
+    :func:`~wsm_megatron.training.optimizer.fix_fully_reshardable_offsets`)."""
     if saved is not None:
         metadata = dict(saved)
     else:
         metadata = {"singleton_local_shards": False, "chained_optim_avoid_prefix": True}
         if distributed_optimizer:
-            metadata["distrib_optim_sharding_type"] = OPTIMIZER_SHARDING
+            metadata["distrib_optim_sharding_type"] = optimizer_format
+            if optimizer_format == "fully_reshardable":  # over gloo into host memory
+                metadata["distrib_optim_fully_reshardable_mem_efficient"] = True
     metadata["dp_cp_group"] = parallel_state.get_data_parallel_group(with_context_parallel=True)
     return metadata
 
@@ -469,7 +469,8 @@ def check_bucket_layout(ckpt_dir: Path, common: dict[str, Any], state: TrainStat
         f"(dp_reshardable) and was saved with {describe(saved)} "
         f"(overlap_grad_reduce={saved_overlap}); this run has {describe(here)}: set "
         f"parallel.overlap_grad_reduce={saved_overlap} as it was saved, or "
-        "checkpoint.no_load_optim=true to start the optimizer afresh"
+        "checkpoint.no_load_optim=true to start the optimizer afresh (checkpoint."
+        "optimizer_format=fully_reshardable saves state that any bucket layout resumes)"
     )
 
 
@@ -502,7 +503,9 @@ class Checkpointer:
         async_save = config.checkpoint.async_save
         self.async_save = not cpu_compat.is_active() if async_save is None else async_save
         self.queue = AsyncCallsQueue() if self.async_save else None
-        self.metadata = _content_metadata(state.distributed_optimizer)
+        self.metadata = _content_metadata(
+            state.distributed_optimizer, config.checkpoint.optimizer_format
+        )
         self.last_saved: int | None = None
         self._save_strategies: dict[str, Any] = {}
         self.pruner = BackgroundPruner()
@@ -724,7 +727,7 @@ class Checkpointer:
             check_bucket_layout(ckpt_dir, common, self.state)
             _allocate_optimizer_state(self.state.optimizer)
         saved_metadata = dist_checkpointing.load_content_metadata(preloaded_state_dict=common)
-        metadata = _content_metadata(self.state.distributed_optimizer, saved_metadata)
+        metadata = _content_metadata(self.state.distributed_optimizer, None, saved_metadata)
         template = self._state_dict(
             saved, optimizer=load_optim, rng=load_rng, loading=True, metadata=metadata
         )

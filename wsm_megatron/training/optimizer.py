@@ -17,9 +17,10 @@ equivalent:
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
+from functools import partial
 
 import torch
 from megatron.core.distributed import (
@@ -83,6 +84,8 @@ def setup_model_and_optimizer(built: BuiltModel, config: WSMConfig) -> TrainStat
         ),
         model,
     )
+    if distributed:
+        fix_fully_reshardable_offsets(optimizer)
     tconfig = built.config
     tconfig.finalize_model_grads_func = finalize_model_grads
     tconfig.grad_scale_func = optimizer.scale_loss
@@ -94,6 +97,44 @@ def setup_model_and_optimizer(built: BuiltModel, config: WSMConfig) -> TrainStat
         tconfig.no_sync_func = no_sync[0] if len(no_sync) == 1 else no_sync
         tconfig.grad_sync_func = grad_sync[0] if len(grad_sync) == 1 else grad_sync
     return TrainState(model, optimizer, distributed, overlap_param_gather)
+
+
+def fix_fully_reshardable_offsets(optimizer: MegatronOptimizer) -> None:
+    """Make megatron-core's ``fully_reshardable`` optimizer format right for several buckets.
+
+    Its save (megatron-core 0.16-0.20) gathers each buffer's state with the padding between
+    buckets removed, then slices it at the parameters' offsets in the padded buffer: from the
+    second bucket on, every parameter gets another one's state. On each distributed optimizer,
+    the gathered state is put back at the padded offsets before the slicing (its load is right
+    as it is). Nothing else changes."""
+    for inner in getattr(optimizer, "chained_optimizers", [optimizer]):
+        gather = getattr(inner, "get_parameter_state_dp_zero", None)
+        if gather is not None and not hasattr(inner, "_wsm_padded_gather"):
+            inner._wsm_padded_gather = gather
+            inner.get_parameter_state_dp_zero = partial(_padded_dp_zero_state, inner, gather)
+
+
+def _padded_dp_zero_state(inner: object, gather: Callable[..., dict], **kwargs: object) -> dict:
+    state = gather(**kwargs)
+    if state is None:
+        return state
+    for gbuf_idx, by_dtype in state.items():
+        if not isinstance(gbuf_idx, int):
+            continue  # "buckets_coalesced"
+        buffer = inner.buffers[gbuf_idx]
+        for dtype, world in by_dtype.items():
+            padded = {"numel_unpadded": world["numel_unpadded"]}
+            for key in ("param", "exp_avg", "exp_avg_sq"):
+                padded[key] = torch.zeros(buffer.numel, dtype=world[key].dtype)
+                start = 0
+                for bucket in buffer.buckets:
+                    end = start + bucket.numel_unpadded
+                    at = slice(bucket.offset, bucket.offset + bucket.numel_unpadded)
+                    padded[key][at].copy_(world[key][start:end])
+                    start = end
+                world[key] = None  # one copy at a time
+            by_dtype[dtype] = padded
+    return state
 
 
 @contextmanager

@@ -35,6 +35,13 @@ class CheckpointConfig:
     no_load_rng: bool = False
     finetune: bool = False
     """Load weights only and start at iteration 0 with fresh data position, optimizer and RNG."""
+    optimizer_format: Literal["dp_reshardable", "fully_reshardable"] = "dp_reshardable"
+    """The distributed optimizer's state on disk (GPU). ``dp_reshardable`` (Megatron-LM's
+    default): each rank writes its share, keyed by DDP bucket, so it resumes only under the same
+    bucket layout (``parallel.overlap_grad_reduce``). ``fully_reshardable``: each parameter's
+    state whole, gathered on each data-parallel group's first rank (host memory): resumes under
+    any bucket layout, data-parallel size and TP/PP layout, also in Megatron-LM with its
+    defaults."""
     on_damage: Literal["fallback", "stop"] = "fallback"
     """A resume checkpoint that fails verification (sizes, checksums): ``fallback`` names it
     and resumes from the newest older one that verifies; ``stop`` refuses to start."""
