@@ -44,6 +44,20 @@ metric_list:
 """
 PAIRS = [("def f(x):\n    return", " x"), ("import os\n", "import sys"), ("", "for i in")]
 GENERATE = ("def f(x):\n", {"until": ["\n\n"], "max_gen_toks": 5})
+PPL_YAML = """task: wsm_local_ppl
+dataset_path: json
+dataset_kwargs:
+  data_files:
+    test: {data}
+test_split: test
+output_type: loglikelihood_rolling
+doc_to_text: ""
+doc_to_target: "{{{{text}}}}"
+metric_list:
+  - metric: word_perplexity
+  - metric: byte_perplexity
+  - metric: bits_per_byte
+"""
 HUB_YAML = """task: wsm_hub_only
 dataset_path: wsm-nonexistent-org/no-such-dataset
 test_split: test
@@ -72,6 +86,9 @@ def run(shared_tmp, tmp_path_factory) -> tuple[list[str], Path, Path]:
     data.write_text("".join(json.dumps(d) + "\n" for d in DOCS))
     (tasks / "mc.yaml").write_text(TASK_YAML.format(data=data))
     (tasks / "hub.yaml").write_text(HUB_YAML)
+    texts = tasks / "ppl.jsonl"
+    texts.write_text("".join(json.dumps({"text": d["question"] + " x\n"}) + "\n" for d in DOCS))
+    (tasks / "ppl.yaml").write_text(PPL_YAML.format(data=texts))
     return overrides, root / "ckpts", tasks
 
 
@@ -216,3 +233,37 @@ def test_unknown_task_is_one_line(run, capsys):
     err = capsys.readouterr().err
     assert err.startswith("wsm-tune: error: unknown lm-eval task 'no_such_task'")
     assert err.count("\n") == 1
+
+
+def test_wsm_tune_ranks_a_perplexity_task_lowest_first(run, tmp_path):
+    # lm-eval says word perplexity is lower-is-better: the best merge is the lowest, not the
+    # highest (and not sample_len, the same for every candidate).
+    overrides, ckpts, tasks = run
+    argv = [*_tune_argv(ckpts, overrides), "lm-eval:wsm_local_ppl", "--include-path", str(tasks)]
+    argv += ["--schedules", "linear,minus-sqrt,ema", "--output", str(tmp_path / "tune")]
+    assert run_distributed(_wsm_tune, 2, argv) == [0, 0]
+    tuned = json.loads((tmp_path / "tune" / "tune.json").read_text())
+    assert tuned["lower_is_better"] == {"val": True, "lm-eval:wsm_local_ppl": True}
+    merges = {r["name"]: r["scores"]["lm-eval:wsm_local_ppl"] for r in tuned["candidates"][1:]}
+    assert len(set(merges.values())) == 3 and min(merges.values()) > 1.0
+    assert tuned["best"]["name"] == min(merges, key=merges.get)
+
+
+def test_ranking_metric_takes_lm_evals_direction_and_the_asked_metric():
+    from wsm_megatron.eval.harness import TaskResults, ranking_metric
+
+    results = TaskResults(
+        {
+            "mc": {"acc,none": 0.5, "acc_stderr,none": 0.1, "acc_norm,none": 0.6},
+            "ppl": {"word_perplexity,none": 40.0, "bits_per_byte,none": 1.2, "sample_len": 50.0},
+        },
+        {
+            "mc": {"acc": True, "acc_norm": True},
+            "ppl": {"word_perplexity": False, "bits_per_byte": False},
+        },
+    )
+    assert ranking_metric(results, "mc") == ("acc_norm", 0.6, False)
+    assert ranking_metric(results, "ppl") == ("word_perplexity", 40.0, True)
+    assert ranking_metric(results, "ppl", "bits_per_byte") == ("bits_per_byte", 1.2, True)
+    with pytest.raises(ValueError, match=r"--metric ppl=acc: lm-eval reports \['bits_per_byte'"):
+        ranking_metric(results, "ppl", "acc")

@@ -45,6 +45,13 @@ def _token_list(text: str) -> list[int]:
         raise argparse.ArgumentTypeError(str(err)) from None
 
 
+def _task_metric(text: str) -> tuple[str, str]:
+    task, _, name = text.partition("=")
+    if not task or not name:
+        raise argparse.ArgumentTypeError(f"expected TASK=NAME, got {text!r}")
+    return task, name
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog=PROG,
@@ -77,6 +84,11 @@ def build_parser() -> argparse.ArgumentParser:
     )  # fmt: skip
     p.add_argument("--include-path", type=Path, metavar="DIR", help="local lm-eval task YAMLs")
     p.add_argument("--limit", type=int, metavar="N", help="at most N documents per lm-eval task")
+    p.add_argument(
+        "--metric", action="append", type=_task_metric, default=[], metavar="TASK=NAME",
+        help="the metric that scores lm-eval TASK (default: acc_norm, acc, exact_match, "
+        "word_perplexity, bits_per_byte, the first reported; its direction is lm-eval's)",
+    )  # fmt: skip
     p.add_argument("--output", type=Path, default=Path("tune"), metavar="DIR", help="(./tune)")
     p.add_argument("--save-best", type=Path, metavar="DIR", help="write the best merge here")
     p.add_argument(
@@ -111,6 +123,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             snapshot_memory_gb=args.snapshot_memory_gb,
             include_path=args.include_path,
             limit=args.limit,
+            metrics=tuple(args.metric),
         )
     except (ConfigError, MergeError) as err:
         if is_main:

@@ -9,7 +9,7 @@ from __future__ import annotations
 import os
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch.distributed as dist
 
@@ -54,10 +54,18 @@ def _data_error(err: BaseException) -> bool:
     return module in _DATA_MODULES or isinstance(err, (ConnectionError, FileNotFoundError))
 
 
+class TaskResults(NamedTuple):
+    """lm-eval's numeric metrics per task (``acc,none``...) and its ``higher_is_better`` per
+    task and metric name (``acc``)."""
+
+    metrics: dict[str, dict[str, float]]
+    higher_is_better: dict[str, dict[str, bool]]
+
+
 def run_tasks(
     lm: Any, tasks: Sequence[str], manager: Any, *, limit: int | None = None
-) -> dict[str, dict[str, float]]:
-    """Every task's numeric metrics (``acc,none``...), on every rank."""
+) -> TaskResults:
+    """Every task's numeric metrics and their directions, on every rank."""
     from lm_eval import simple_evaluate
 
     try:
@@ -79,10 +87,13 @@ def run_tasks(
         ) from None
     results = None
     if out is not None:  # lm-eval reports on LOCAL_RANK 0; global rank 0 tells every rank
-        results = {
-            name: {k: float(v) for k, v in metrics.items() if isinstance(v, (int, float))}
-            for name, metrics in out["results"].items()
-        }
+        results = TaskResults(
+            {
+                name: {k: float(v) for k, v in metrics.items() if isinstance(v, (int, float))}
+                for name, metrics in out["results"].items()
+            },
+            {name: dict(h) for name, h in out.get("higher_is_better", {}).items()},
+        )
     if dist.is_initialized():
         box = [results]
         dist.broadcast_object_list(box, src=0)
@@ -90,13 +101,34 @@ def run_tasks(
     return results
 
 
-def primary_metric(metrics: dict[str, float]) -> tuple[str, float]:
-    """The metric that ranks: ``acc_norm``, else ``acc``, else ``exact_match``, else the first."""
-    for name in ("acc_norm,none", "acc,none", "exact_match,none"):
-        if name in metrics:
-            return name, metrics[name]
-    name = next(k for k in metrics if not k.endswith("_stderr,none") and k != "alias")
-    return name, metrics[name]
+RANKING_ORDER = ("acc_norm", "acc", "exact_match", "word_perplexity", "bits_per_byte")
+"""Which metric ranks a task when none is asked for: accuracies first, then (perplexity
+tasks) word perplexity, then bits per byte."""
+
+
+def ranking_metric(
+    results: TaskResults, task: str, chosen: str | None = None
+) -> tuple[str, float, bool]:
+    """``(metric, value, lower is better)`` of ``task``: ``chosen`` (``--metric TASK=NAME``),
+    else the first of :data:`RANKING_ORDER` it reports; the direction is lm-eval's own."""
+    metrics, directions = results.metrics[task], results.higher_is_better.get(task, {})
+    names = {key.split(",")[0]: key for key in metrics if not key.split(",")[0].endswith("_stderr")}
+    if chosen is not None:
+        if chosen not in names:
+            raise ValueError(
+                f"--metric {task}={chosen}: lm-eval reports {sorted(names)} for {task}"
+            )
+        name = chosen
+    else:
+        name = next((n for n in RANKING_ORDER if n in names), None)
+        if name is None:
+            raise ValueError(
+                f"lm-eval task {task}: none of {list(RANKING_ORDER)} among its metrics "
+                f"{sorted(names)}; choose one with --metric {task}=NAME"
+            )
+    if name not in directions:
+        raise ValueError(f"lm-eval task {task}: no higher_is_better for its metric {name}")
+    return name, metrics[names[name]], not directions[name]
 
 
 def model_lm(session: Any, model: list[Any]) -> Any:
@@ -125,7 +157,7 @@ def evaluate_checkpoint(
     manager = task_manager(tasks, include_path)
     session, model = eval_session(config)
     iteration = load_model_only(model, checkpoint)
-    results = run_tasks(model_lm(session, model), tasks, manager, limit=limit)
+    results = run_tasks(model_lm(session, model), tasks, manager, limit=limit).metrics
     if session.runtime.is_main:
         print(f"{checkpoint} (iteration {iteration}):")
         for task, metrics in results.items():

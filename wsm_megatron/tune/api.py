@@ -17,7 +17,8 @@ from wsm_megatron.tune.results import TuneResult, plot, print_table, write_json
 from wsm_megatron.tune.runner import CandidateRunner, Scorer, Scores
 
 LM_EVAL = "lm-eval:"
-"""``lm-eval:TASK``: a task of lm-evaluation-harness, scored by its main metric."""
+"""``lm-eval:TASK``: a task of lm-evaluation-harness, scored by its ranking metric
+(:func:`wsm_megatron.eval.harness.ranking_metric`) in lm-eval's direction."""
 TUNE_JSON, TUNE_PNG = "tune.json", "tune.png"
 
 
@@ -33,6 +34,8 @@ class TuneOptions:
     """Local lm-eval task YAMLs."""
     limit: int | None = None
     """At most this many documents per lm-eval task."""
+    metrics: tuple[tuple[str, str], ...] = ()
+    """``(lm-eval task, metric)`` pairs (``--metric TASK=NAME``): the metric that scores it."""
 
     def __post_init__(self) -> None:
         if not self.tasks:
@@ -42,6 +45,9 @@ class TuneOptions:
                 raise MergeError(f"--tasks: unknown task {task!r} (val or lm-eval:TASK)")
         if not self.checkpoints.is_dir():
             raise MergeError(f"--checkpoints {self.checkpoints} is not a directory")
+        for task, _ in self.metrics:
+            if task not in self.lm_eval_tasks:
+                raise MergeError(f"--metric {task}=...: {task} is not an lm-eval task of --tasks")
         if not self.snapshot_memory_gb > 0:
             raise MergeError(f"--snapshot-memory-gb must be > 0, got {self.snapshot_memory_gb}")
 
@@ -71,9 +77,10 @@ def tune(config: WSMConfig, options: TuneOptions) -> TuneResult:
     plan = runner.plan(candidates[1:])
     if is_main:
         print(f"wsm-tune: {len(candidates) - 1} merges + the newest checkpoint; {plan.describe()}")
-    score = _scorer(options, session, model, manager)
+    lower_is_better = {"val": True}  # the scorer adds lm-eval's directions
+    score = _scorer(options, session, model, manager, lower_is_better)
     scores = runner.run(candidates[0], plan, score)
-    result = TuneResult(tuple(candidates), scores, options.tasks[0], plan)
+    result = TuneResult(tuple(candidates), scores, options.tasks[0], plan, lower_is_better)
     if is_main:
         options.output.mkdir(parents=True, exist_ok=True)
         write_json(result, options.output / TUNE_JSON)
@@ -100,9 +107,16 @@ def _save(root: Path, output: Path, result: TuneResult) -> None:
     merge(config)
 
 
-def _scorer(options: TuneOptions, session: Any, model: list[Any], manager: Any) -> Scorer:
+def _scorer(
+    options: TuneOptions,
+    session: Any,
+    model: list[Any],
+    manager: Any,
+    lower_is_better: dict[str, bool],
+) -> Scorer:
     """The scores of the model as it is: ``val`` (the validation loss on the batches of
-    training's evaluation) and each ``lm-eval:TASK`` (its main metric)."""
+    training's evaluation) and each ``lm-eval:TASK`` (its ranking metric, whose direction
+    lm-eval gives: written into ``lower_is_better``)."""
     lm = None
     if manager is not None:
         from wsm_megatron.eval.harness import model_lm
@@ -115,12 +129,14 @@ def _scorer(options: TuneOptions, session: Any, model: list[Any], manager: Any) 
             batches, config = session.valid_batches(), session.config
             out["val"] = evaluate(model, batches, config, session.num_microbatches)
         if lm is not None:
-            from wsm_megatron.eval.harness import primary_metric, run_tasks
+            from wsm_megatron.eval.harness import ranking_metric, run_tasks
 
-            tasks = options.lm_eval_tasks
+            tasks, chosen = options.lm_eval_tasks, dict(options.metrics)
             results = run_tasks(lm, tasks, manager, limit=options.limit)
             for task in tasks:
-                out[LM_EVAL + task] = primary_metric(results[task])[1]
+                _, value, lower = ranking_metric(results, task, chosen.get(task))
+                out[LM_EVAL + task] = value
+                lower_is_better[LM_EVAL + task] = lower
         return out
 
     return score

@@ -14,9 +14,6 @@ from wsm_megatron.merge.config import format_token_count
 from wsm_megatron.tune.candidates import Candidate
 from wsm_megatron.tune.runner import MemoryPlan, ScoreTable
 
-LOWER_IS_BETTER = {"val": True}
-"""Validation loss: lower is better; task accuracies: higher."""
-
 
 @dataclass(frozen=True)
 class TuneResult:
@@ -26,6 +23,8 @@ class TuneResult:
     task: str
     """The score that ranks the candidates (the first of ``--tasks``)."""
     plan: MemoryPlan
+    lower_is_better: dict[str, bool]
+    """Per score: whether lower is better (validation loss, perplexities: lm-eval's say)."""
 
     @property
     def newest(self) -> Candidate:
@@ -40,7 +39,7 @@ class TuneResult:
         mine, base = self.score(c), self.score(self.newest)
         if mine is None or base is None:
             return None
-        return base - mine if LOWER_IS_BETTER.get(self.task, False) else mine - base
+        return base - mine if self.lower_is_better[self.task] else mine - base
 
     @property
     def best(self) -> Candidate | None:
@@ -52,6 +51,7 @@ class TuneResult:
         best = self.best
         return {
             "task": self.task,
+            "lower_is_better": self.lower_is_better,
             "memory": {
                 "snapshot_bytes_per_rank": self.plan.snapshot_bytes,
                 "window": self.plan.window,
@@ -143,8 +143,8 @@ def plot(result: TuneResult, path: Path) -> None:
     if best is not None:
         ax.plot([best.span], [result.score(best)], "k*", markersize=14, label=f"best: {best.name}")
     ax.set_xlabel("merge duration (tokens)")
-    ax.set_ylabel(f"{result.task} ({'lower' if LOWER_IS_BETTER.get(result.task) else 'higher'}"
-                  " is better)")  # fmt: skip
+    direction = "lower" if result.lower_is_better[result.task] else "higher"
+    ax.set_ylabel(f"{result.task} ({direction} is better)")
     ax.legend()
     ax.grid(alpha=0.3)
     fig.tight_layout()
