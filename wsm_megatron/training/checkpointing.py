@@ -219,10 +219,10 @@ def checkpoint_args(
     *,
     vocab_size: int,
     padded_vocab_size: int,
-    bucket_size: int | None = None,
+    state: TrainState,
 ) -> Namespace:
-    """The ``args`` Namespace Megatron-LM stores, under Megatron-LM's argument names
-    (``bucket_size``: DDP's, None for one bucket)."""
+    """The ``args`` Namespace Megatron-LM stores, under Megatron-LM's argument names (the
+    optimizer and DDP settings as ``state`` runs them)."""
     m, p, t, c = config.model, config.parallel, config.train, config.checkpoint
     world = dist.get_world_size()
     return Namespace(
@@ -278,10 +278,10 @@ def checkpoint_args(
         sequence_parallel=p.sequence_parallel,
         world_size=world,
         data_parallel_size=parallel_state.get_data_parallel_world_size(),
-        use_distributed_optimizer=p.use_distributed_optimizer and not cpu_compat.is_active(),
-        overlap_grad_reduce=bucket_size is not None,
-        ddp_bucket_size=bucket_size,
-        overlap_param_gather=p.overlap_param_gather and not cpu_compat.is_active(),
+        use_distributed_optimizer=state.distributed_optimizer,
+        overlap_grad_reduce=bucket_layout(state) is not None,
+        ddp_bucket_size=bucket_layout(state),
+        overlap_param_gather=state.overlap_param_gather,
         micro_batch_size=t.micro_batch_size,
         global_batch_size=t.global_batch_size,
         train_iters=t.train_iters,
@@ -446,11 +446,12 @@ def bucket_layout(state: TrainState) -> int | None:
     return state.model[0].ddp_config.bucket_size
 
 
-def check_bucket_layout(ckpt_dir: Path, common: dict[str, Any], state: TrainState) -> None:
+def check_bucket_layout(
+    ckpt_dir: Path, common: dict[str, Any], saved_metadata: dict | None, state: TrainState
+) -> None:
     """One clear line, before megatron-core's bare assertion, when the checkpoint's
     bucket-keyed (``dp_reshardable``) optimizer state was saved under another bucket layout."""
-    metadata = common.get("content_metadata") or {}
-    if metadata.get("distrib_optim_sharding_type") != "dp_reshardable":
+    if (saved_metadata or {}).get("distrib_optim_sharding_type") != "dp_reshardable":
         return
     args = common.get("args")
     saved_overlap = getattr(args, "overlap_grad_reduce", None)
@@ -533,7 +534,7 @@ class Checkpointer:
                 progress,
                 vocab_size=self.vocab_size,
                 padded_vocab_size=self.padded_vocab_size,
-                bucket_size=bucket_layout(self.state),
+                state=self.state,
             ),
             "checkpoint_version": CHECKPOINT_VERSION,
             "iteration": progress.iteration,
@@ -723,10 +724,10 @@ class Checkpointer:
                 common.get("num_floating_point_operations_so_far", 0.0)
             ),
         )
-        if load_optim and self.state.distributed_optimizer:
-            check_bucket_layout(ckpt_dir, common, self.state)
-            _allocate_optimizer_state(self.state.optimizer)
         saved_metadata = dist_checkpointing.load_content_metadata(preloaded_state_dict=common)
+        if load_optim and self.state.distributed_optimizer:
+            check_bucket_layout(ckpt_dir, common, saved_metadata, self.state)
+            _allocate_optimizer_state(self.state.optimizer)
         metadata = _content_metadata(self.state.distributed_optimizer, None, saved_metadata)
         template = self._state_dict(
             saved, optimizer=load_optim, rng=load_rng, loading=True, metadata=metadata
