@@ -267,3 +267,167 @@ def test_ranking_metric_takes_lm_evals_direction_and_the_asked_metric():
     assert ranking_metric(results, "ppl", "bits_per_byte") == ("bits_per_byte", 1.2, True)
     with pytest.raises(ValueError, match=r"--metric ppl=acc: lm-eval reports \['bits_per_byte'"):
         ranking_metric(results, "ppl", "acc")
+
+
+# ---------------------------------------------------------------- batched, cached, DP-split
+PROMPTS = [("def f(x):\n", {"until": ["\n\n"], "max_gen_toks": 6}),
+           ("import os\nimport", {"until": ["\n"], "max_gen_toks": 4}),
+           ("class A:\n    def __init__(self):\n        self.", {"max_gen_toks": 5})]  # fmt: skip
+SAMPLED = ("def f(x):\n", {"do_sample": True, "temperature": 1.0, "top_k": 20, "max_gen_toks": 6})
+ROLLING = ["x = 1\n" * 20, "def g():\n    return 2\n" * 6, "import os\n"]
+
+
+def _requests(items) -> list[SimpleNamespace]:
+    return [SimpleNamespace(args=a) for a in items]
+
+
+def _mc_requests() -> list[SimpleNamespace]:
+    return _requests((d["question"], " " + c) for d in DOCS for c in d["choices"])
+
+
+def _answers(overrides: list[str], ckpt: str, *settings: tuple[int, bool]) -> list[dict]:
+    """The adapter's answers to every kind of request at each (batch size, KV cache) of
+    ``settings``, on this layout (one start-up, one checkpoint load)."""
+    from wsm_megatron.eval.harness import model_lm
+    from wsm_megatron.eval.options import EvalOptions
+    from wsm_megatron.training.checkpointing import load_model_only
+    from wsm_megatron.training.trainer import eval_session
+
+    session, model = eval_session(load_config(TINY_CONFIG, overrides), validation=False)
+    load_model_only(model, ckpt)
+    out = []
+    for batch_size, kv_cache in settings:
+        lm = model_lm(session, model, EvalOptions(batch_size=batch_size, kv_cache=kv_cache))
+        answers = {
+            "kv_cache": lm.kv_cache,
+            "loglikelihood": lm.loglikelihood(_requests(PAIRS) + _mc_requests()),
+            "rolling": lm.loglikelihood_rolling(_requests((t,) for t in ROLLING)),
+            "generated": lm.generate_until(_requests(PROMPTS)),
+        }
+        if lm.kv_cache:  # sampling needs the cache; twice, to see it reproduced
+            answers["sampled"] = [lm.generate_until(_requests([SAMPLED] * 3)) for _ in range(2)]
+        out.append(answers)
+    return out
+
+
+def _assert_same_scores(got: dict, ref: dict, rel: float) -> None:
+    for (ll, greedy), (r_ll, r_greedy) in zip(
+        got["loglikelihood"], ref["loglikelihood"], strict=True
+    ):
+        assert ll == pytest.approx(r_ll, rel=rel, abs=rel) and greedy == r_greedy
+    assert got["rolling"] == pytest.approx(ref["rolling"], rel=rel)
+    assert got["generated"] == ref["generated"]
+
+
+def test_batched_scoring_and_the_kv_cache_equal_one_row_at_a_time_at_tp2(run):
+    """Batch size 4 = batch size 1 within fp32 rounding (same greedy flags, so the same
+    accuracies); generation with megatron-core's KV cache, batched, = re-scoring one prompt at
+    a time; a seeded sample is reproducible and the same on both TP ranks."""
+    overrides, ckpts, _ = run
+    ranks = run_distributed(_answers, 2, overrides, str(ckpts), (1, False), (4, True))
+    assert ranks[0] == ranks[1]
+    one, four = ranks[0]
+    assert not one["kv_cache"] and four["kv_cache"]
+    _assert_same_scores(four, one, rel=1e-5)
+    assert len(one["generated"]) == 3 and one["generated"][2]  # no stop string: 5 tokens
+    first, again = four["sampled"]
+    assert first == again and len(set(first)) > 1  # a seed per request, reproducible
+
+
+def _dp_pipeline_answers(overrides: list[str], ckpt: str) -> dict:
+    from megatron.core import parallel_state
+
+    (out,) = _answers(overrides, ckpt, (2, True))
+    out["grid"] = (parallel_state.get_pipeline_model_parallel_rank(),
+                   parallel_state.get_data_parallel_rank())  # fmt: skip
+    return out
+
+
+def test_requests_split_over_data_parallelism_with_an_interleaved_pipeline(run):
+    """4 ranks: PP 2 with 2 virtual stages each, DP 2, and a training batch (3) no DP layout
+    could run: every rank returns every answer in request order, equal to one TP=2 replica's
+    unbatched answers; generation re-scores (no KV cache with virtual stages)."""
+    overrides, ckpts, _ = run
+    layout = ["parallel.tensor_model_parallel_size=1", "parallel.pipeline_model_parallel_size=2",
+              "parallel.virtual_pipeline_model_parallel_size=2", "train.global_batch_size=3",
+              "train.micro_batch_size=3"]  # fmt: skip
+    ranks = run_distributed(_dp_pipeline_answers, 4, [*overrides, *layout], str(ckpts))
+    assert sorted(r["grid"] for r in ranks) == [(0, 0), (0, 1), (1, 0), (1, 1)]
+    reference = run_distributed(_answers, 2, overrides, str(ckpts), (1, False))[0][0]
+    for rank in ranks:
+        assert not rank["kv_cache"]
+        _assert_same_scores(rank, reference, rel=1e-5)
+        assert rank["loglikelihood"] == ranks[0]["loglikelihood"]
+
+
+def test_packing_puts_every_row_in_one_call_and_keeps_replicas_in_lockstep():
+    import random
+
+    from wsm_megatron.eval.batching import DUMMY, Packing, plan_calls
+
+    rng = random.Random(0)
+    for _ in range(50):
+        lengths = [rng.randint(1, 40) for _ in range(rng.randint(1, 60))]
+        packing = Packing(batch_size=rng.randint(1, 5), microbatches=4, length_multiple=2,
+                          microbatch_multiple=2, dp_size=rng.randint(1, 4))  # fmt: skip
+        plans = [plan_calls(lengths, packing, r) for r in range(packing.dp_size)]
+        rows = sorted(i for plan in plans for call in plan for i in call.rows)
+        assert rows == list(range(len(lengths)))
+        for calls in zip(*plans, strict=True):  # one round: the same shape on every replica
+            assert len({(c.length, len(c.microbatches)) for c in calls}) == 1
+        for call in (c for plan in plans for c in plan):
+            assert call.length % 2 == 0 and len(call.microbatches) % 2 == 0
+            assert all(len(mb) == packing.batch_size for mb in call.microbatches)
+            assert all(
+                lengths[i] <= call.length for mb in call.microbatches for i in mb if i != DUMMY
+            )
+
+
+def test_wsm_eval_takes_lm_evals_flags_and_writes_its_files(run, tmp_path, capfd):
+    """--limit as a fraction, --num-fewshot, --seed, --batch-size auto, standard errors by
+    bootstrap, --log-samples into --output-path: lm-eval's results and samples files, as its
+    own CLI writes them, and nothing half-written beside them."""
+    overrides, ckpts, tasks = run
+    out = tmp_path / "lm-eval"
+    argv = ["--config", str(TINY_CONFIG), *overrides, "parallel.tensor_model_parallel_size=1",
+            "--checkpoint", str(ckpts), "--tasks", "wsm_local_mc", "--include-path", str(tasks),
+            "--limit", "0.5", "--num-fewshot", "1", "--seed", "7", "--batch-size", "auto",
+            "--bootstrap-iters", "20", "--log-samples", "--output-path", str(out)]  # fmt: skip
+    assert run_distributed(_wsm_eval, 1, argv) == [0]
+    (results_file,) = out.rglob("results_*.json")
+    (samples_file,) = out.rglob("samples_wsm_local_mc_*.jsonl")
+    assert results_file.parent == samples_file.parent != out  # lm-eval's folder per model
+    assert not [p for p in out.rglob("*") if p.name.startswith(".")]
+    results = json.loads(results_file.read_text())
+    metrics = results["results"]["wsm_local_mc"]
+    assert 0.0 <= metrics["acc,none"] <= 1.0 and isinstance(metrics["acc_stderr,none"], float)
+    assert results["n-shot"]["wsm_local_mc"] == 1
+    assert results["config"]["random_seed"] == 7 and results["config"]["fewshot_seed"] == 7
+    samples = [json.loads(line) for line in samples_file.read_text().splitlines()]
+    assert len(samples) == 2  # half of the 4 documents
+    assert {"doc", "target", "resps", "filtered_resps", "acc"} <= set(samples[0])
+
+
+@pytest.mark.parametrize(
+    ("flags", "message"),
+    [
+        (["--gen-kwargs", "num_beams=4"], "--gen-kwargs: num_beams is not supported"),
+        (["--batch-size", "0"], "--batch-size: a positive integer or auto, got 0"),
+        (["--log-samples"], "--log-samples: needs --output-path"),
+        (["--seed", "1,2"], "argument --seed: one integer or four comma-separated values"),
+        (["--max-length", "999"], "--max-length 999: the model has 32 positions"),
+    ],
+)
+def test_bad_lm_eval_flags_are_one_line_before_any_model_loads(run, capsys, flags, message):
+    from wsm_megatron.cli.eval import main
+
+    overrides, ckpts, tasks = run
+    argv = ["--config", str(TINY_CONFIG), *overrides, "--checkpoint", str(ckpts), "--tasks",
+            "wsm_local_mc", "--include-path", str(tasks), *flags]  # fmt: skip
+    try:
+        status = main(argv)
+    except SystemExit as exit_:  # argparse's own: the usage, then one error line
+        status = exit_.code
+    last = capsys.readouterr().err.splitlines()[-1]
+    assert last.startswith("wsm-eval: error: ") and message in last
+    assert status == 2

@@ -22,6 +22,7 @@ from pathlib import Path
 import torch.distributed as dist
 import xxhash
 
+from wsm_megatron.atomic import atomic_write_text
 from wsm_megatron.runtime.distributed import decided_on_rank0
 
 INTEGRITY_FILENAME = "wsm_integrity.json"
@@ -59,19 +60,8 @@ def own_files(ckpt_dir: Path, rank: int) -> list[str]:
 
 def write_record(ckpt_dir: Path, files: dict[str, dict]) -> None:
     """Write the record atomically (temporary file, fsync, rename, fsync of the folder)."""
-    path = ckpt_dir / INTEGRITY_FILENAME
-    tmp = ckpt_dir / f".{INTEGRITY_FILENAME}.{os.getpid()}.tmp"
     data = {"algorithm": ALGORITHM, "files": dict(sorted(files.items()))}
-    with open(tmp, "w") as f:
-        json.dump(data, f, indent=1)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-    fd = os.open(ckpt_dir, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+    atomic_write_text(ckpt_dir / INTEGRITY_FILENAME, json.dumps(data, indent=1))
 
 
 def read_record(ckpt_dir: Path) -> dict[str, dict] | None:

@@ -11,6 +11,8 @@ import os
 import re
 from pathlib import Path
 
+from wsm_megatron.atomic import atomic_write_text
+
 TRACKER_FILENAME = "latest_checkpointed_iteration.txt"
 STOP_SAVE_FILENAME = "wsm_stop_save.json"
 """Marks a checkpoint saved on a stop request (a signal, the time budget), off the save interval:
@@ -72,10 +74,4 @@ def read_tracker(root: str | os.PathLike[str]) -> int | None:
 
 def write_tracker(root: str | os.PathLike[str], iteration: int) -> None:
     """Atomically point the tracker file at ``iteration`` (temporary file, fsync, rename)."""
-    path = Path(root) / TRACKER_FILENAME
-    tmp = path.with_name(f".{TRACKER_FILENAME}.{os.getpid()}.tmp")
-    with open(tmp, "w") as f:
-        f.write(f"{iteration}\n")
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    atomic_write_text(Path(root) / TRACKER_FILENAME, f"{iteration}\n")

@@ -3,13 +3,14 @@
 Examples::
 
     wsm-eval --config configs/tiny-cpu.yaml parallel.tensor_model_parallel_size=1 \\
-        --checkpoint runs/demo/merged --tasks my_task --include-path my_tasks/
+        --checkpoint runs/demo/merged --tasks my_task --include-path my_tasks/ \\
+        --batch-size 16 --output-path results/ --log-samples
     torchrun --nproc-per-node 2 -m wsm_megatron.cli.eval --config configs/tiny-cpu.yaml \\
         --checkpoint runs/demo/checkpoints --tasks my_task --include-path my_tasks/
 
 Needs the ``[eval]`` extra. Nothing is downloaded: tasks read local data (HF offline mode).
 Exit status: 0 on success, 1 when evaluation fails on its input (one ``wsm-eval: error:`` line),
-2 for invalid flags or configuration.
+2 for invalid flags or configuration (before any model loads).
 """
 
 from __future__ import annotations
@@ -21,7 +22,8 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from wsm_megatron.cli.arguments import comma_separated
+from wsm_megatron.atomic import atomic_write_text
+from wsm_megatron.cli.arguments import add_lm_eval_arguments, comma_separated, eval_options
 from wsm_megatron.cli.train import _quiet_imports, _raised_by_us
 
 PROG = "wsm-eval"
@@ -39,37 +41,44 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--tasks", required=True, type=comma_separated(str.strip, "names"), metavar="T1,T2"
     )
-    p.add_argument("--include-path", type=Path, metavar="DIR", help="local lm-eval task YAMLs")
-    p.add_argument("--limit", type=int, metavar="N", help="at most N documents per task")
     p.add_argument("--output", type=Path, metavar="JSON", help="write the metrics here")
+    add_lm_eval_arguments(p)
     return p
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     _quiet_imports()
-    from wsm_megatron.eval.harness import evaluate_checkpoint
+    from wsm_megatron.eval.harness import check_max_length, evaluate_checkpoint
     from wsm_megatron.runtime import destroy_distributed
     from wsm_megatron.training.config import ConfigError, load_config
 
     is_main = os.environ.get("RANK", os.environ.get("SLURM_PROCID", "0")) == "0"
     try:
         config = load_config(args.config, args.overrides)
-        results = evaluate_checkpoint(
-            config, args.checkpoint, args.tasks, include_path=args.include_path, limit=args.limit
-        )
+        options = eval_options(args)
+        check_max_length(config, options.max_length)
+        if args.output is not None and args.output.is_dir():
+            raise ValueError(f"--output {args.output}: is a directory (a JSON file is written)")
     except (ConfigError, ValueError) as err:
-        if not isinstance(err, ConfigError) and not _raised_by_us(err):
+        return _error(err, is_main, status=2)
+    try:
+        results = evaluate_checkpoint(config, args.checkpoint, args.tasks, options)
+    except ValueError as err:
+        if not _raised_by_us(err):
             raise
-        if is_main:
-            print(f"{PROG}: error: {err}", file=sys.stderr)
-        return 2 if isinstance(err, ConfigError) else 1
+        return _error(err, is_main, status=1)
     finally:
         destroy_distributed()
     if args.output and is_main:
-        args.output.parent.mkdir(parents=True, exist_ok=True)
-        args.output.write_text(json.dumps(results, indent=1) + "\n")
+        atomic_write_text(args.output, json.dumps(results, indent=1) + "\n")
     return 0
+
+
+def _error(err: Exception, is_main: bool, status: int) -> int:
+    if is_main:
+        print(f"{PROG}: error: {err}", file=sys.stderr)
+    return status
 
 
 if __name__ == "__main__":

@@ -8,10 +8,15 @@ Examples::
         --checkpoints runs/demo/checkpoints --durations 2,4,8,16 \\
         --schedules linear,minus-sqrt,ema --output runs/demo/tune --save-best runs/demo/best
     wsm-tune ... --tasks val,lm-eval:my_task --include-path my_tasks/
+    wsm-tune ... --durations 8,16 --intervals 1,2,4          # duration x interval (the paper's)
+    wsm-tune ... --durations 4,8 --decay-reference linear,1-sqrt   # proxy runs: real decays
 
 Launched like training, at the run's TP/PP layout (config overrides ``section.key=value``).
-Exit status: 0 on success, 1 when tuning fails on its input (one ``wsm-tune: error:`` line
-naming the checkpoint, flag or key), 2 for invalid flags or configuration.
+``--decay-reference`` trains: per duration and style, D iterations of the run (the window's
+span) from the window's oldest checkpoint, into ``OUTPUT/decay/`` — real training, for proxy
+runs. Exit status: 0 on success, 1 when tuning fails on its input (one ``wsm-tune: error:``
+line naming the checkpoint, flag or key), 2 for invalid flags or configuration, 3 when a decay
+branch was stopped by a signal or the time budget after saving (run again to resume it).
 """
 
 from __future__ import annotations
@@ -23,7 +28,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from wsm_megatron.cli.arguments import comma_separated
+from wsm_megatron.cli.arguments import add_lm_eval_arguments, comma_separated, eval_options
 from wsm_megatron.cli.train import _quiet_imports, _raised_by_us
 from wsm_megatron.merge.config import parse_token_count
 from wsm_megatron.merge.errors import MergeError
@@ -75,6 +80,20 @@ def build_parser() -> argparse.ArgumentParser:
         help="merge schedules (as wsm-merge --schedule; default linear)",
     )  # fmt: skip
     p.add_argument(
+        "--intervals", type=_int_list, default=[1], metavar="K1,K2,...",
+        help="at each duration, merge every K-th checkpoint of its window counting back from "
+        "the newest (same span, fewer checkpoints: duration 8 at interval 2 merges 4); the "
+        "schedule's weights are those of the checkpoints merged (default 1)",
+    )  # fmt: skip
+    p.add_argument(
+        "--decay-reference", type=_str_list, default=[], metavar="STYLE,...",
+        help="also train a real WSD decay (linear, cosine, exponential, 1-sqrt) per duration "
+        "from its window's oldest checkpoint over the window's span, into OUTPUT/decay/, and "
+        "score it beside the merges. REAL TRAINING of that many iterations per duration and "
+        "style (a window of 10%% of the run costs 10%% of its training): proxy runs only; needs "
+        "the optimizer state in the start checkpoint",
+    )  # fmt: skip
+    p.add_argument(
         "--end-iteration", type=int, metavar="E", help="windows end at E (default: the tracker)"
     )
     p.add_argument(
@@ -82,8 +101,6 @@ def build_parser() -> argparse.ArgumentParser:
         help="scores: val (validation loss, the default) and lm-eval:TASK (lm-evaluation-harness, "
         "extra [eval]); the first ranks the candidates",
     )  # fmt: skip
-    p.add_argument("--include-path", type=Path, metavar="DIR", help="local lm-eval task YAMLs")
-    p.add_argument("--limit", type=int, metavar="N", help="at most N documents per lm-eval task")
     p.add_argument(
         "--metric", action="append", type=_task_metric, default=[], metavar="TASK=NAME",
         help="the metric that scores lm-eval TASK (default: acc_norm, acc, exact_match, "
@@ -95,6 +112,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--snapshot-memory-gb", type=float, default=64.0, metavar="GB",
         help="snapshot memory per rank (64); above it the candidates run in groups",
     )  # fmt: skip
+    add_lm_eval_arguments(p, files=False, bootstrap_iters=0)
     return p
 
 
@@ -116,16 +134,17 @@ def main(argv: Sequence[str] | None = None) -> int:
                 tuple(args.durations_tokens),
                 tuple(args.schedules),
                 args.end_iteration,
+                tuple(args.intervals),
             ),
             output=args.output,
             tasks=tuple(args.tasks),
             save_best=args.save_best,
             snapshot_memory_gb=args.snapshot_memory_gb,
-            include_path=args.include_path,
-            limit=args.limit,
+            lm_eval=eval_options(args),
             metrics=tuple(args.metric),
+            decay_references=tuple(args.decay_reference),
         )
-    except (ConfigError, MergeError) as err:
+    except (ConfigError, MergeError, ValueError) as err:
         if is_main:
             print(f"{PROG}: error: {err}", file=sys.stderr)
         return 2
@@ -134,10 +153,16 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 def _run(config: WSMConfig, options: TuneOptions, is_main: bool) -> int:
     from wsm_megatron.runtime import destroy_distributed
+    from wsm_megatron.runtime.termination import SAVED_STATUS
     from wsm_megatron.tune.api import tune
+    from wsm_megatron.tune.decay import DecayStopped
 
     try:
         tune(config, options)
+    except DecayStopped as err:
+        if is_main:
+            print(f"{PROG}: {err}", file=sys.stderr)
+        return SAVED_STATUS
     except ValueError as err:
         if not _raised_by_us(err):
             raise

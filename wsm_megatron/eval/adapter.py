@@ -1,97 +1,83 @@
-"""lm-evaluation-harness's model interface on the Megatron model in place, under TP/PP.
+"""lm-evaluation-harness's model interface on the Megatron model in place, under TP/PP/DP.
 
-:class:`MegatronLM` answers lm-eval's requests (log-likelihoods, rolling log-likelihoods, greedy
-generation) one sequence at a time with the run's tokenizer. Every model-parallel rank runs the
-same requests in the same order (lm-eval builds them deterministically); the forward pass goes
-through Megatron's pipeline schedule, the last stage gathers the vocabulary-parallel logits over
-TP, scores the targets, and broadcasts the few numbers each request needs to every rank.
+:class:`MegatronLM` answers lm-eval's requests (log-likelihoods, rolling log-likelihoods,
+generation) with the run's tokenizer, in batches, as lm-eval's ``hf`` backend encodes and
+truncates them: the continuation's tokens are those of the whole text after the context's; a
+log-likelihood keeps the last ``max_length + 1`` tokens; a prompt keeps its last
+``max_length - max_gen_toks``; an empty context and the rolling windows start with the prefix
+token (BOS when the tokenizer has one, else the end of document). Every rank receives every
+request (lm-eval builds them deterministically); the scoring splits them over the
+data-parallel replicas and returns every answer to every rank, so lm-eval's metrics agree.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import torch
-import torch.distributed as dist
 from lm_eval.api.model import LM
 from lm_eval.utils import get_rolling_token_windows, make_disjoint_window
 from megatron.core import parallel_state
-from megatron.core.pipeline_parallel import get_forward_backward_func
-from megatron.core.tensor_parallel import gather_from_tensor_model_parallel_region
 
-from wsm_megatron.runtime import cpu_compat
+from wsm_megatron.eval.batching import Packing
+from wsm_megatron.eval.generation import GenerationSpec, generate
+from wsm_megatron.eval.scoring import Row, score_rows
+
+
+def bos_token(tokenizer: Any) -> int | None:
+    """The tokenizer's beginning-of-sequence id, or None when it has none."""
+    try:
+        bos = tokenizer.bos
+    except (AttributeError, NotImplementedError):
+        return None
+    return bos if isinstance(bos, int) and bos >= 0 else None
 
 
 @dataclass(frozen=True)
-class Scored:
-    """For each input position i: log p(targets[i] | tokens[:i+1]) and whether it is the
-    argmax; ``next_token``: the argmax after the last input token."""
+class ModelLayout:
+    """What the packing must respect of the model's parallel layout."""
 
-    logprobs: list[float]
-    greedy: list[bool]
-    next_token: int
+    dp_size: int
+    pp_size: int
+    tp_size: int
+    interleaved: bool
+    sequence_parallel: bool
+    expert_parallel: bool
 
-
-def _device() -> torch.device:
-    return torch.device("cpu") if cpu_compat.is_active() else torch.device("cuda")
-
-
-def score_tokens(
-    model: list[torch.nn.Module], tokens: Sequence[int], targets: Sequence[int], vocab_size: int
-) -> Scored:
-    """One forward pass of ``tokens`` (at most the model's sequence length); the same result on
-    every rank. Logits beyond ``vocab_size`` (the padding of the embedding) are left out."""
-    n = len(tokens)
-    device = _device()
-    batch = {
-        "tokens": torch.tensor([list(tokens)], dtype=torch.long, device=device),
-        "position_ids": torch.arange(n, device=device).unsqueeze(0),
-        "targets": torch.tensor(list(targets), dtype=torch.long, device=device),
-    }
-
-    def forward_step(data: Iterator[Any] | None, chunk: torch.nn.Module) -> tuple:
-        first = parallel_state.is_pipeline_first_stage()
-        output = chunk(
-            batch["tokens"] if first else None, batch["position_ids"] if first else None, None
+    @classmethod
+    def current(cls, sequence_parallel: bool, interleaved: bool) -> ModelLayout:
+        ps = parallel_state
+        return cls(
+            dp_size=ps.get_data_parallel_world_size(),
+            pp_size=ps.get_pipeline_model_parallel_world_size(),
+            tp_size=ps.get_tensor_model_parallel_world_size(),
+            interleaved=interleaved,
+            sequence_parallel=sequence_parallel,
+            expert_parallel=ps.get_expert_model_parallel_world_size() > 1,
         )
-        return output, _collect
 
-    def _collect(output: torch.Tensor, non_loss_data: bool = True) -> torch.Tensor:
-        logits = gather_from_tensor_model_parallel_region(output)[0, :, :vocab_size].float()
-        logprobs = torch.log_softmax(logits, dim=-1)
-        argmax = logits.argmax(dim=-1)
-        picked = logprobs[torch.arange(len(targets)), batch["targets"]]
-        greedy = (argmax[: len(targets)] == batch["targets"]).float()
-        return torch.cat([picked.double(), greedy.double(), argmax[-1:].double()])
-
-    for chunk in model:
-        chunk.eval()
-    with torch.no_grad():
-        collected = get_forward_backward_func()(
-            forward_step_func=forward_step,
-            data_iterator=iter([None]),
-            model=model,
-            num_microbatches=1,
-            seq_length=n,
-            micro_batch_size=1,
-            forward_only=True,
-            collect_non_loss_data=True,
+    def packing(self, batch_size: int) -> Packing:
+        """Micro-batches of ``batch_size`` rows; with a pipeline, 4 x PP micro-batches per
+        schedule call (the fill and drain bubble is (PP-1)/(5 PP-1) of a call)."""
+        pp = self.pp_size
+        return Packing(
+            batch_size=batch_size,
+            microbatches=4 * pp if pp > 1 else 1,
+            length_multiple=self.tp_size if self.sequence_parallel else 1,
+            microbatch_multiple=pp if self.interleaved else 1,
+            dp_size=self.dp_size,
         )
-    k = len(targets)
-    result = torch.empty(2 * k + 1, dtype=torch.float64, device=device)
-    if parallel_state.is_pipeline_last_stage():
-        result.copy_(collected[0])
-    if parallel_state.get_pipeline_model_parallel_world_size() > 1:
-        src = parallel_state.get_pipeline_model_parallel_last_rank()
-        dist.broadcast(result, src, group=parallel_state.get_pipeline_model_parallel_group())
-    values = result.tolist()
-    return Scored(values[:k], [v == 1.0 for v in values[k : 2 * k]], int(values[-1]))
+
+    @property
+    def kv_cache_runs(self) -> bool:
+        """Whether megatron-core's static KV cache runs at this layout."""
+        return not (self.interleaved or self.sequence_parallel)
 
 
 class MegatronLM(LM):
-    """lm-eval's ``LM`` on a Megatron model (a list of model chunks, in eval mode)."""
+    """lm-eval's ``LM`` on a Megatron model (a list of model chunks)."""
 
     def __init__(
         self,
@@ -99,79 +85,123 @@ class MegatronLM(LM):
         tokenizer: Any,
         max_length: int,
         *,
+        layout: ModelLayout,
+        batch_size: int = 1,
         max_gen_toks: int = 256,
+        prefix_token: int | None = None,
+        kv_cache: bool = True,
+        seed: int = 1234,
     ) -> None:
         super().__init__()
         self.model = model
         self.tokenizer = tokenizer
         self.max_length = max_length
+        self.layout = layout
+        self.batch_size = batch_size
         self.max_gen_toks = max_gen_toks
+        bos = bos_token(tokenizer)
+        self.prefix_token = prefix_token if prefix_token is not None else (
+            bos if bos is not None else tokenizer.eod
+        )  # fmt: skip
+        self.kv_cache = kv_cache and layout.kv_cache_runs
+        self.seed = seed
 
-    # ------------------------------------------------------------------ helpers
+    # ------------------------------------------------------------------ encoding
     def encode(self, text: str) -> list[int]:
         return list(self.tokenizer.tokenize(text)) if text else []
 
-    def _score(self, tokens: Sequence[int], targets: Sequence[int]) -> Scored:
-        return score_tokens(self.model, tokens, targets, self.tokenizer.vocab_size)
-
-    def _continuation(self, context: list[int], continuation: list[int]) -> tuple[float, bool]:
-        """Log-likelihood of ``continuation`` after ``context``, truncated on the left to the
-        model's length; and whether greedy decoding would produce it."""
-        whole = (context + continuation)[-(self.max_length + 1) :]
-        scored = self._score(whole[:-1], whole[1:])
-        k = len(continuation)
-        return sum(scored.logprobs[-k:]), all(scored.greedy[-k:])
-
     def _encode_pair(self, context: str, continuation: str) -> tuple[list[int], list[int]]:
-        """As lm-eval's HF model: trailing spaces of the context move to the continuation, and
+        """As lm-eval's ``hf``: trailing spaces of the context move to the continuation, and
         the continuation's tokens are those of the whole text after the context's."""
+        if not context:
+            return [self.prefix_token], self.encode(continuation)
         spaces = len(context) - len(context.rstrip())
         if spaces:
             context, continuation = context[:-spaces], context[-spaces:] + continuation
         whole, ctx = self.encode(context + continuation), self.encode(context)
-        return ctx or [self.tokenizer.eod], whole[len(ctx) :]
+        return ctx or [self.prefix_token], whole[len(ctx) :]
+
+    def _row(self, context: list[int], continuation: list[int]) -> Row:
+        """``continuation`` after ``context``, truncated on the left to ``max_length``."""
+        whole = (context + continuation)[-(self.max_length + 1) :]
+        return Row(tuple(whole[:-1]), tuple(whole[1:]), len(continuation))
+
+    def _score(self, rows: Sequence[Row]) -> list[tuple[float, bool]]:
+        packing = self.layout.packing(self.batch_size)
+        scores = score_rows(self.model, rows, packing, self.tokenizer.vocab_size)
+        return [(s.logprob, s.greedy) for s in scores]
 
     # ------------------------------------------------------------------ lm-eval's interface
     def loglikelihood(self, requests: list[Any], disable_tqdm: bool = False) -> list[tuple]:
-        return [self._continuation(*self._encode_pair(*r.args)) for r in requests]
+        return self._score([self._row(*self._encode_pair(*r.args)) for r in requests])
 
     def loglikelihood_rolling(self, requests: list[Any], disable_tqdm: bool = False) -> list:
-        out = []
-        for request in requests:
-            (text,) = request.args
+        rows, owner = [], []
+        for i, request in enumerate(requests):
             windows = get_rolling_token_windows(
-                token_list=self.encode(text),
-                prefix_token=self.tokenizer.eod,
+                token_list=self.encode(request.args[0]),
+                prefix_token=self.prefix_token,
                 max_seq_len=self.max_length,
                 context_len=1,
             )
-            total = 0.0
-            for window in map(make_disjoint_window, windows):
-                total += self._continuation(list(window[0]), list(window[1]))[0]
-            out.append(total)
-        return out
+            for context, continuation in map(make_disjoint_window, windows):
+                rows.append(self._row(list(context), list(continuation)))
+                owner.append(i)
+        totals = [0.0] * len(requests)
+        for i, (logprob, _) in zip(owner, self._score(rows), strict=True):
+            totals[i] += logprob
+        return totals
 
     def generate_until(self, requests: list[Any], disable_tqdm: bool = False) -> list[str]:
-        return [self._generate(*r.args) for r in requests]
+        specs, prompts = [], []
+        for i, request in enumerate(requests):
+            context, kwargs = request.args
+            spec = GenerationSpec.from_gen_kwargs(dict(kwargs), self.max_gen_toks, self.seed + i)
+            keep = self.max_length - spec.max_gen_toks
+            if keep < 1:
+                raise ValueError(
+                    f"max_gen_toks {spec.max_gen_toks} leaves no room for a prompt in "
+                    f"--max-length {self.max_length}"
+                )
+            specs.append(spec)
+            prompts.append((self.encode(context) or [self.prefix_token])[-keep:])
+        return self._generate(prompts, specs)
 
-    def _generate(self, context: str, gen_kwargs: dict[str, Any]) -> str:
-        """Greedy decoding until a stop string, the end of document or ``max_gen_toks``."""
-        if gen_kwargs.get("do_sample") or gen_kwargs.get("temperature", 0.0) > 0:
-            raise ValueError("wsm-eval: generation is greedy only (do_sample false, temperature 0)")
-        until = gen_kwargs.get("until") or []
-        until = [until] if isinstance(until, str) else list(until)
-        tokens = self.encode(context) or [self.tokenizer.eod]
-        generated: list[int] = []
-        text = ""
-        for _ in range(int(gen_kwargs.get("max_gen_toks", self.max_gen_toks))):
-            window = tokens[-self.max_length :]
-            token = self._score(window, window[1:]).next_token
-            if token == self.tokenizer.eod:
-                break
-            tokens.append(token)
-            generated.append(token)
-            text = self.tokenizer.detokenize(generated)
-            stops = [text.find(s) for s in until if s in text]
-            if stops:
-                return text[: min(stops)]
-        return text
+    def _generate(self, prompts: list[list[int]], specs: list[GenerationSpec]) -> list[str]:
+        """Split over data-parallel replicas (every replica runs all of them when expert
+        parallelism ties the replicas' forward passes together), answers on every rank."""
+        layout = self.layout
+        split = layout.dp_size > 1 and not layout.expert_parallel
+        mine = list(range(len(prompts)))
+        if split:
+            rank = parallel_state.get_data_parallel_rank()
+            order = sorted(mine, key=lambda i: (-len(prompts[i]), i))
+            mine = order[rank :: layout.dp_size]
+        texts = generate(
+            self.model,
+            [prompts[i] for i in mine],
+            [specs[i] for i in mine],
+            vocab_size=self.tokenizer.vocab_size,
+            eod=self.tokenizer.eod,
+            detokenize=self.tokenizer.detokenize,
+            packing=layout.packing(self.batch_size),
+            kv_cache=self.kv_cache,
+        )
+        if not split:
+            return texts
+        return _gather_texts(mine, texts, len(prompts))
+
+
+def _gather_texts(mine: list[int], texts: list[str], total: int) -> list[str]:
+    """Every replica's ``(index, text)`` on every rank, in request order."""
+    import torch.distributed as dist
+
+    parts: list[Any] = [None] * parallel_state.get_data_parallel_world_size()
+    dist.all_gather_object(
+        parts, list(zip(mine, texts, strict=True)), group=parallel_state.get_data_parallel_group()
+    )
+    out = [""] * total
+    for part in parts:
+        for i, text in part:
+            out[i] = text
+    return out

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 import re
 import resource
 import sys
@@ -10,6 +9,8 @@ import threading
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
+
+from wsm_megatron.atomic import atomic_write_text
 
 _PROC_STATUS = Path("/proc/self/status")
 _CLEAR_REFS = Path("/proc/self/clear_refs")
@@ -138,7 +139,4 @@ def write_report(path: Path, result: MergeResult) -> None:
     """Write ``result`` as JSON atomically (temporary file, rename)."""
     import json
 
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(json.dumps(result.to_json(), indent=2) + "\n")
-    os.replace(tmp, path)
+    atomic_write_text(path, json.dumps(result.to_json(), indent=2) + "\n")

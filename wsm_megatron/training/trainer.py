@@ -93,7 +93,8 @@ class _Session:
     runtime: Runtime
     built: BuiltModel
     vocab_size: int
-    data: DataSplits
+    data: DataSplits | None
+    """None for an evaluation on lm-eval tasks (no validation data)."""
     num_microbatches: int
     dp_rank: int
     dp_size: int
@@ -153,7 +154,7 @@ def microbatches_per_rank(config: WSMConfig, dp: int) -> int:
     return num_microbatches
 
 
-def _start(config: WSMConfig, *, need_train: bool) -> _Session:
+def _start(config: WSMConfig, *, need_train: bool, need_data: bool = True) -> _Session:
     p, t = config.parallel, config.train
     runtime = init_distributed(
         ParallelConfig(
@@ -165,19 +166,23 @@ def _start(config: WSMConfig, *, need_train: bool) -> _Session:
         )
     )
     dp = runtime.data_parallel_size
-    num_microbatches = microbatches_per_rank(config, dp)
+    # lm-eval tasks bring their own batches: the training batch arithmetic does not apply.
+    num_microbatches = microbatches_per_rank(config, dp) if need_data else 0
     _set_random_seed(t.seed)
     config = resolve_corpus(config, progress=runtime.is_main)
     tokenizer = build_tokenizer(config.data)
     built = build_model(config, tokenizer.vocab_size)
-    data = build_datasets(
-        config.data,
-        tokenizer,
-        global_batch_size=t.global_batch_size,
-        train_samples=(t.train_iters if need_train else 1) * t.global_batch_size,
-        valid_samples=t.eval_iters * t.global_batch_size,
-        is_built_on_rank=reads_data,
-    )
+    if not need_data:
+        data = None
+    else:
+        data = build_datasets(
+            config.data,
+            tokenizer,
+            global_batch_size=t.global_batch_size,
+            train_samples=(t.train_iters if need_train else 1) * t.global_batch_size,
+            valid_samples=t.eval_iters * t.global_batch_size,
+            is_built_on_rank=reads_data,
+        )
     return _Session(
         config=config,
         runtime=runtime,
@@ -437,10 +442,13 @@ class _Loop:
         self.callbacks.post_checkpoint_saved(progress)
 
 
-def eval_session(config: WSMConfig) -> tuple[_Session, list[torch.nn.Module]]:
-    """Start the processes for evaluation only: the session (validation data, layout) and the
-    model as evaluations hold it (no optimizer; fp16/bf16 through ``Float16Module``)."""
-    session = _start(config, need_train=False)
+def eval_session(
+    config: WSMConfig, *, validation: bool = True
+) -> tuple[_Session, list[torch.nn.Module]]:
+    """Start the processes for evaluation only: the session (layout, and with ``validation``
+    the validation data and its batch arithmetic) and the model as evaluations hold it (no
+    optimizer; fp16/bf16 through ``Float16Module``)."""
+    session = _start(config, need_train=False, need_data=validation)
     model: list[torch.nn.Module] = list(session.built.chunks)
     if mixed_precision(session.config):
         model = [Float16Module(session.built.config, chunk) for chunk in model]
