@@ -31,8 +31,20 @@ setup(
     ],
     extras_require={
         "gpu": ["transformer-engine[pytorch]", "triton"],
-        "test": ["pytest", "pytest-xdist", "pytest-timeout", "triton", "ruff", "lm-eval>=0.4,<0.5"],
-        "eval": ["lm-eval>=0.4,<0.5"],
+        "test": [
+            "pytest",
+            "pytest-xdist",
+            "pytest-timeout",
+            "triton",
+            "ruff",
+            "lm-eval>=0.4,<0.5",
+            # wsm-export's output, read back (lm-eval's hf backend needs accelerate); none of
+            # them requires a CUDA build of torch
+            "transformers>=4.40",
+            "safetensors",
+            "accelerate",
+        ],
+        "eval": ["lm-eval>=0.4,<0.5", "transformers>=4.40", "safetensors", "accelerate"],
         "tensorboard": ["tensorboard"],
     },
     entry_points={
@@ -43,6 +55,7 @@ setup(
             "wsm-demo=wsm_megatron.cli.demo:main",
             "wsm-tune=wsm_megatron.cli.tune:main",
             "wsm-eval=wsm_megatron.cli.eval:main",
+            "wsm-export=wsm_megatron.cli.export:main",
         ],
     },
 )

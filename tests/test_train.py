@@ -147,7 +147,7 @@ def test_data_parallel_moe_token_interval_and_wsd_branch(corpus_dir, tmp_path):
         "train.train_iters=5",
         "train.lr_schedule=wsd",
         "train.lr_wsd_decay_iters=2",
-        "train.min_lr=0.0",
+        "train.min_lr=3.0e-4",  # the run saved min_lr 0: the branch's config decides
     ]
     results = run_distributed(_train_then_branch, 2, moe, branch)
     (first, branched), (first_1, branched_1) = results
@@ -158,10 +158,11 @@ def test_data_parallel_moe_token_interval_and_wsd_branch(corpus_dir, tmp_path):
     assert any("experts" in key for key in first["weights"])
     assert list_iterations(wsm) == [2, 3]  # 512 tokens crossed 500; the final iteration
     # The branch resumes at 3 and decays over the last 2 iterations, 1-sqrt: Megatron's LR for
-    # iteration i is the schedule at i - 1 of 5 (the LR reaches 0 after the last update).
+    # iteration i is the schedule at i - 1 of 5 (it reaches min_lr after the last update). The
+    # range is the branch's config (min_lr 3e-4), not the checkpoint's param groups (min_lr 0).
     assert branched["resumed_from"] == 3 and list(branched["lrs"]) == [4, 5]
     assert first["lrs"][3] == branched["lrs"][4] == 3e-3
-    assert branched["lrs"][5] == pytest.approx(3e-3 * (1 - 0.5**0.5))
+    assert branched["lrs"][5] == pytest.approx(3e-4 + (3e-3 - 3e-4) * (1 - 0.5**0.5))
     assert list_iterations(wsd) == [4, 5] and list_iterations(wsm) == [2, 3]
 
 

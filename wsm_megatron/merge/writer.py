@@ -28,6 +28,7 @@ from typing import Any
 import torch
 from torch.utils.serialization import config as serialization_config
 
+from wsm_megatron.atomic import fsync_path
 from wsm_megatron.layout import (
     TRACKER_FILENAME,
     iteration_dir,
@@ -244,14 +245,6 @@ def build_metadata(
     )
 
 
-def _fsync_path(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 def write_file(path: Path, data: bytes) -> None:
     """Write and fsync a small file."""
     with writing(path), open(path, "wb") as f:
@@ -373,7 +366,7 @@ def unlock_output_root(lock: Path) -> None:
 def publish(tmp_dir: Path, root: Path, iteration: int, *, overwrite: bool) -> Path:
     """Rename ``tmp_dir`` to ``root/iter_<iteration>`` (replacing an existing one only with
     ``overwrite``), then point the tracker at the newest complete iteration."""
-    _fsync_path(tmp_dir)
+    fsync_path(tmp_dir)
     final = iteration_dir(root, iteration)
     old = None
     if final.exists():
@@ -384,7 +377,7 @@ def publish(tmp_dir: Path, root: Path, iteration: int, *, overwrite: bool) -> Pa
             os.rename(final, old)
     with writing(final):
         os.rename(tmp_dir, final)
-    _fsync_path(root)
+    fsync_path(root)
     current = read_tracker(root)
     newest = iteration
     if current is not None and current > iteration and iteration_dir(root, current).is_dir():

@@ -397,6 +397,24 @@ def model_sharded_state_dict(model: list[torch.nn.Module], metadata: dict | None
     return {f"model{i}": c.sharded_state_dict(metadata=metadata) for i, c in enumerate(chunks)}
 
 
+LR_BOUNDS = ("max_lr", "min_lr")
+"""The param-group keys megatron-core's scheduler reads its LR range from."""
+
+
+def load_optimizer_keeping_lr_bounds(optimizer: Any, state: dict[str, Any]) -> None:
+    """Load the optimizer's state but keep its param groups' LR range as the configuration
+    built it: megatron-core's ``load_state_dict`` restores the saved groups' ``max_lr`` and
+    ``min_lr``, and its scheduler prefers those to its own, so a branch from a checkpoint
+    with another ``train.lr`` or ``train.min_lr`` (a decay to a new floor) would silently
+    follow the old range. The configuration decides the schedule (see ``schedules``)."""
+    bounds = [{k: g[k] for k in LR_BOUNDS if k in g} for g in optimizer.param_groups]
+    optimizer.load_state_dict(state)
+    groups = optimizer.param_groups
+    assert len(groups) == len(bounds), "the checkpoint's param groups differ from the model's"
+    for group, kept in zip(groups, bounds, strict=True):
+        group.update(kept)
+
+
 def _load_model_state(model: list[torch.nn.Module], loaded: dict[str, Any]) -> None:
     chunks = unwrap_model(model)
     for i, chunk in enumerate(chunks):
@@ -740,7 +758,7 @@ class Checkpointer:
         )
         _load_model_state(self.state.model, loaded)
         if load_optim:
-            self.state.optimizer.load_state_dict(loaded["optimizer"])
+            load_optimizer_keeping_lr_bounds(self.state.optimizer, loaded["optimizer"])
             self.scheduler.load_state_dict(loaded["opt_param_scheduler"])
         else:
             self.state.optimizer.reload_model_params()

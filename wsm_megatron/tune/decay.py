@@ -217,17 +217,6 @@ def _check_start(root: Path, start: int, duration: str, config: WSMConfig) -> No
             f"{flag}, which has no optimizer state (saved with --no-save-optim, or a merged "
             "checkpoint); a decay branch resumes the optimizer"
         )
-    # megatron-core restores the optimizer's param groups with the LR bounds they were saved
-    # with (max_lr, min_lr), and the scheduler reads those: a branch decays between the
-    # checkpoint's bounds whatever the config says, so they must agree.
-    for key in ("lr", "min_lr"):
-        saved, asked = getattr(args, key, None), getattr(config.train, key)
-        if saved is not None and float(saved) != float(asked):
-            raise MergeError(
-                f"{flag}, saved with train.{key} {saved:g}, but the config says {asked:g}: the "
-                "optimizer's param groups restored from it keep the saved LR bounds, so the "
-                f"branch would not decay as configured; give wsm-tune the run's train.{key}"
-            )
 
 
 def _check_folder(ref: DecayReference) -> None:
