@@ -20,7 +20,7 @@ import pytest
 pytest.importorskip("lm_eval")
 
 from wsm_megatron.testing.distributed import run_distributed
-from wsm_megatron.testing.runs import SMALL_RUN, TINY_CONFIG, train_summary  # noqa: E402
+from wsm_megatron.testing.runs import SMALL_RUN, TINY_CONFIG, TINY_MOE, train_summary  # noqa: E402
 from wsm_megatron.training.config import load_config  # noqa: E402
 
 DOCS = [
@@ -431,3 +431,28 @@ def test_bad_lm_eval_flags_are_one_line_before_any_model_loads(run, capsys, flag
     last = capsys.readouterr().err.splitlines()[-1]
     assert last.startswith("wsm-eval: error: ") and message in last
     assert status == 2
+
+
+def test_an_moe_at_expert_parallel_2_over_4_replicas_answers_as_one_process(
+    run, shared_tmp, tmp_path
+):
+    """Expert parallelism ties the replicas' forward passes together: scoring runs in lockstep
+    rounds over 4 replicas (2 expert-parallel groups, which split the generation prompts), and
+    every answer equals one process's (EP 1) within fp32 rounding."""
+    overrides = [*SMALL_RUN, *TINY_MOE, "train.train_iters=3", "checkpoint.save_interval=3",
+                 "parallel.expert_model_parallel_size=2",
+                 f"corpus.cache_dir={shared_tmp / 'wsm-train-corpus'}",
+                 f"checkpoint.save={tmp_path / 'moe'}"]  # fmt: skip
+    run_distributed(_train_only, 2, overrides)
+    ranks = run_distributed(_answers, 4, overrides, str(tmp_path / "moe"), (2, True))
+    single = [*overrides, "parallel.expert_model_parallel_size=1"]
+    (reference,) = run_distributed(_answers, 1, single, str(tmp_path / "moe"), (1, False))[0]
+    for (rank,) in ranks:
+        assert rank["kv_cache"] and rank == ranks[0][0]
+        _assert_same_scores(rank, reference, rel=1e-5)
+
+
+def _train_only(overrides: list[str]) -> None:
+    from wsm_megatron.training.trainer import pretrain
+
+    pretrain(load_config(TINY_CONFIG, overrides))

@@ -76,6 +76,9 @@ class ModelLayout:
         return not (self.interleaved or self.sequence_parallel)
 
 
+SINGLE_PROCESS = ModelLayout(1, 1, 1, False, False, False)
+
+
 class MegatronLM(LM):
     """lm-eval's ``LM`` on a Megatron model (a list of model chunks)."""
 
@@ -85,7 +88,7 @@ class MegatronLM(LM):
         tokenizer: Any,
         max_length: int,
         *,
-        layout: ModelLayout,
+        layout: ModelLayout | None = None,
         batch_size: int = 1,
         max_gen_toks: int = 256,
         prefix_token: int | None = None,
@@ -96,14 +99,14 @@ class MegatronLM(LM):
         self.model = model
         self.tokenizer = tokenizer
         self.max_length = max_length
-        self.layout = layout
+        self.layout = layout or SINGLE_PROCESS
         self.batch_size = batch_size
         self.max_gen_toks = max_gen_toks
         bos = bos_token(tokenizer)
         self.prefix_token = prefix_token if prefix_token is not None else (
             bos if bos is not None else tokenizer.eod
         )  # fmt: skip
-        self.kv_cache = kv_cache and layout.kv_cache_runs
+        self.kv_cache = kv_cache and self.layout.kv_cache_runs
         self.seed = seed
 
     # ------------------------------------------------------------------ encoding
@@ -168,15 +171,18 @@ class MegatronLM(LM):
         return self._generate(prompts, specs)
 
     def _generate(self, prompts: list[list[int]], specs: list[GenerationSpec]) -> list[str]:
-        """Split over data-parallel replicas (every replica runs all of them when expert
-        parallelism ties the replicas' forward passes together), answers on every rank."""
-        layout = self.layout
-        split = layout.dp_size > 1 and not layout.expert_parallel
+        """Split over data-parallel replicas, answers on every rank. With expert parallelism
+        the replicas of one expert-parallel group exchange tokens at every step, so they run
+        the same prompts (and stop together): the split is over the groups."""
+        rank, size = parallel_state.get_data_parallel_rank(), self.layout.dp_size
+        if self.layout.expert_parallel:
+            rank = parallel_state.get_expert_data_parallel_rank()
+            size = parallel_state.get_expert_data_parallel_world_size()
+        split = size > 1
         mine = list(range(len(prompts)))
         if split:
-            rank = parallel_state.get_data_parallel_rank()
             order = sorted(mine, key=lambda i: (-len(prompts[i]), i))
-            mine = order[rank :: layout.dp_size]
+            mine = order[rank::size]
         texts = generate(
             self.model,
             [prompts[i] for i in mine],
@@ -184,7 +190,7 @@ class MegatronLM(LM):
             vocab_size=self.tokenizer.vocab_size,
             eod=self.tokenizer.eod,
             detokenize=self.tokenizer.detokenize,
-            packing=layout.packing(self.batch_size),
+            packing=self.layout.packing(self.batch_size),
             kv_cache=self.kv_cache,
         )
         if not split:
