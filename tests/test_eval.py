@@ -241,6 +241,7 @@ def test_wsm_tune_ranks_a_perplexity_task_lowest_first(run, tmp_path):
     overrides, ckpts, tasks = run
     argv = [*_tune_argv(ckpts, overrides), "lm-eval:wsm_local_ppl", "--include-path", str(tasks)]
     argv += ["--schedules", "linear,minus-sqrt,ema", "--output", str(tmp_path / "tune")]
+    argv += ["--batch-size", "4", "--limit", "3"]  # lm-eval's flags, as wsm-eval takes them
     assert run_distributed(_wsm_tune, 2, argv) == [0, 0]
     tuned = json.loads((tmp_path / "tune" / "tune.json").read_text())
     assert tuned["lower_is_better"] == {"val": True, "lm-eval:wsm_local_ppl": True}

@@ -30,7 +30,7 @@ from wsm_megatron.testing.distributed import run_distributed
 from wsm_megatron.testing.runs import TINY_CONFIG
 
 SHAPES = {
-    "tiny-cpu": [],
+    "tiny-cpu": ["data.seq_length=256"],  # room for a prompt and 128 new tokens
     "gpt-125m": [
         "model.num_layers=12",
         "model.hidden_size=768",

@@ -36,6 +36,13 @@ def number(text: str) -> int | float:
         return float(text)
 
 
+def add_checkpoint_arguments(p: argparse.ArgumentParser) -> None:
+    """The run's config, its overrides and one checkpoint (a root or an ``iter_*`` folder)."""
+    p.add_argument("--config", required=True, metavar="YAML", help="the run's config")
+    p.add_argument("overrides", nargs="*", metavar="SECTION.KEY=VALUE", help="config overrides")
+    p.add_argument("--checkpoint", required=True, type=Path, metavar="DIR", help="root or iter_*")
+
+
 def _batch_size(text: str) -> int | str:
     if text == "auto":
         return text

@@ -23,7 +23,12 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from wsm_megatron.atomic import atomic_write_text
-from wsm_megatron.cli.arguments import add_lm_eval_arguments, comma_separated, eval_options
+from wsm_megatron.cli.arguments import (
+    add_checkpoint_arguments,
+    add_lm_eval_arguments,
+    comma_separated,
+    eval_options,
+)
 from wsm_megatron.cli.train import _quiet_imports, _raised_by_us
 
 PROG = "wsm-eval"
@@ -35,9 +40,7 @@ def build_parser() -> argparse.ArgumentParser:
         description="Score a Megatron checkpoint on lm-evaluation-harness tasks, in place at the "
         "run's TP/PP layout (every model-parallel rank runs the same requests; rank 0 reports).",
     )
-    p.add_argument("--config", required=True, metavar="YAML", help="the run's config")
-    p.add_argument("overrides", nargs="*", metavar="SECTION.KEY=VALUE", help="config overrides")
-    p.add_argument("--checkpoint", required=True, type=Path, metavar="DIR", help="root or iter_*")
+    add_checkpoint_arguments(p)
     p.add_argument(
         "--tasks", required=True, type=comma_separated(str.strip, "names"), metavar="T1,T2"
     )

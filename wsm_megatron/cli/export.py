@@ -21,6 +21,7 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
+from wsm_megatron.cli.arguments import add_checkpoint_arguments
 from wsm_megatron.cli.train import _quiet_imports, _raised_by_us
 from wsm_megatron.export.config import (
     DEFAULT_MEMORY_GB,
@@ -46,9 +47,7 @@ def build_parser() -> argparse.ArgumentParser:
         description="Convert a Megatron checkpoint (trained or merged, saved at any TP/PP/EP "
         "layout) into a Hugging Face transformers model folder (Llama, Mixtral or GPT-NeoX).",
     )
-    p.add_argument("--config", required=True, metavar="YAML", help="the run's config")
-    p.add_argument("overrides", nargs="*", metavar="SECTION.KEY=VALUE", help="config overrides")
-    p.add_argument("--checkpoint", required=True, type=Path, metavar="DIR", help="root or iter_*")
+    add_checkpoint_arguments(p)
     p.add_argument("--to", default="hf", choices=["hf"], help="the output format (default hf)")
     p.add_argument("--output", required=True, type=Path, metavar="DIR", help="a new folder")
     p.add_argument(

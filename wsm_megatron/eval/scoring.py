@@ -97,15 +97,17 @@ def _mask_padded_vocab(logits: torch.Tensor, vocab_size: int) -> torch.Tensor:
     """fp32 logits with the embedding's padding rows (ids >= ``vocab_size``) at -inf."""
     logits = logits.float()
     start = parallel_state.get_tensor_model_parallel_rank() * logits.shape[-1]
+    if start + logits.shape[-1] <= vocab_size:  # no padding in this shard (decided on the host)
+        return logits
     padded = torch.arange(start, start + logits.shape[-1], device=logits.device) >= vocab_size
-    return logits.masked_fill(padded, float("-inf")) if bool(padded.any()) else logits
+    return logits.masked_fill(padded, float("-inf"))
 
 
 def row_scores(logits: torch.Tensor, mb: dict[str, Any], vocab_size: int) -> torch.Tensor:
     """``[b, FIELDS]`` float64 from a micro-batch's vocabulary-parallel logits ``[b, s, v/tp]``."""
     logits = _mask_padded_vocab(logits, vocab_size)
     argmax = vocab_parallel_argmax(logits)
-    nll = vocab_parallel_cross_entropy(logits.clone(), mb["targets"])
+    nll = vocab_parallel_cross_entropy(logits, mb["targets"])  # in place: logits are spent
     scored = mb["scored"]
     logprob = torch.where(scored, -nll.double(), 0.0).sum(dim=1)
     greedy = ((argmax == mb["targets"]) | ~scored).all(dim=1)
