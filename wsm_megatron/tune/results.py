@@ -1,7 +1,7 @@
 """``wsm-tune``'s results: ``tune.json`` (every candidate's coefficients, positions, interval
 and scores; the decay references beside them), a console table (rich) and ``tune.png`` (score
 against merge duration, one line per schedule and interval, the newest checkpoint as a reference
-line, each real decay a labelled point at its window's span). Written on rank 0, each file
+line, each real decay a hollow diamond at its window's span). Written on rank 0, each file
 atomically.
 
 Rows have a ``kind``: ``newest`` (the newest checkpoint alone), ``merge``, ``decay`` (a real
@@ -234,14 +234,14 @@ def print_table(result: TuneResult) -> None:
 
 def plot(result: TuneResult, path: Path) -> None:
     """Score against merge duration (tokens), one line per schedule (colour) and interval
-    (marker and line style); the newest as a dashed line; each real decay a labelled hollow
+    (marker and line style); the newest as a dashed line; each real decay a hollow
     diamond at its window's span, in the colour of the merge schedule of its shape."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(7, 4.5))
+    fig, ax = plt.subplots(figsize=(8.5, 4.5))
     merges = result.candidates[1:]
     lines = dict.fromkeys((c.schedule, c.interval) for c in merges)
     styles, markers = ["-", "--", ":", "-."], ["o", "s", "^", "v", "P", "X"]
@@ -265,29 +265,25 @@ def plot(result: TuneResult, path: Path) -> None:
     base = result.score(result.newest)
     if base is not None:
         ax.axhline(base, color="gray", linestyle="--", label="newest checkpoint alone")
-    for row, style in enumerate(dict.fromkeys(d.reference.style for d in result.decays)):
+    for style in dict.fromkeys(d.reference.style for d in result.decays):
         points = [
-            (d.span, result.score(d), d.name)
+            (d.span, result.score(d))
             for d in result.decays
             if d.reference.style == style and result.score(d) is not None
         ]
         if not points:
             continue
-        xs, ys, names = zip(*points, strict=True)
         ax.plot(
-            xs, ys, "D", markersize=9, markerfacecolor="none", markeredgewidth=1.8,
-            color=colors.get(style, "black"), label=f"real {style} decay",
+            *zip(*points, strict=True), "D", markersize=9, markerfacecolor="none",
+            markeredgewidth=1.8, color=colors.get(style, "black"), label=f"real {style} decay",
         )  # fmt: skip
-        for x, y, name in zip(xs, ys, names, strict=True):
-            offset = (6, 6 - 10 * row)  # one style per line where decays score alike
-            ax.annotate(name, (x, y), textcoords="offset points", xytext=offset, fontsize=7)
     best = result.best
     if best is not None:
         ax.plot([best.span], [result.score(best)], "k*", markersize=14, label=f"best: {best.name}")
     ax.set_xlabel("merge duration (tokens)")
     direction = "lower" if result.lower_is_better[result.task] else "higher"
     ax.set_ylabel(f"{result.task} ({direction} is better)")
-    ax.legend(fontsize=8)
+    ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0))
     ax.grid(alpha=0.3)
     fig.tight_layout()
     _atomic_write(path, lambda tmp: fig.savefig(tmp, format="png", dpi=120))
