@@ -56,6 +56,7 @@ setup(
             "wsm-tune=wsm_megatron.cli.tune:main",
             "wsm-eval=wsm_megatron.cli.eval:main",
             "wsm-export=wsm_megatron.cli.export:main",
+            "wsm-watch=wsm_megatron.cli.watch:main",
         ],
     },
 )

@@ -173,6 +173,28 @@ def test_launch_scripts_print_the_resolved_command(script):
         assert "MASTER_PORT=24242" in out
 
 
+def test_slurm_script_runs_the_watcher_as_a_second_step():
+    env = {**os.environ, "DRY_RUN": "1", "WATCH": "1", "CONFIG": "configs/dense-1b.yaml"}
+    env.update(NODES="16", GPUS_PER_NODE="8", SLURM_JOB_ID="4242", SLURM_JOB_NAME="run1")
+    env.pop("MASTER_ADDR", None)
+    out = subprocess.run(
+        ["bash", str(REPO / "launch" / "slurm.sbatch"), "train.lr=1e-4", "--plan-memory"],
+        env=env,
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
+    watch, train = out.splitlines()
+    assert watch == (
+        "+ srun --nodes 1 --ntasks-per-node 8 --exact env MASTER_PORT=24243 python -m "
+        "wsm_megatron.cli.watch --config configs/dense-1b.yaml train.lr=1e-4 "
+        "parallel.tensor_model_parallel_size=8 parallel.pipeline_model_parallel_size=1 "
+        "--durations 4,8 --schedules linear,minus-sqrt --output watch-run1 &"
+    )  # the overrides but not wsm-train's flags; one node at TP=8
+    assert "srun --nodes 16 --ntasks-per-node 8" in train and train.endswith("--plan-memory")
+
+
 def test_launch_scripts_check_the_config_first(tmp_path):
     env = {**os.environ, "DRY_RUN": "1", "CONFIG": str(TINY)}
     done = subprocess.run(

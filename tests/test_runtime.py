@@ -42,6 +42,12 @@ def test_slurm_environment_derives_rendezvous():
     assert env.master_port == 20000 + 123456 % 12768
 
 
+def test_slurm_job_step_of_its_own_meets_on_its_first_node():
+    """Two steps on nodes of their own (training, wsm-watch): each meets on its step's first."""
+    env = detect_launch_env({**SLURM, "SLURM_STEP_NODELIST": "gpu[005,9]"})
+    assert env.master_addr == "gpu005"
+
+
 def test_slurm_explicit_master_wins():
     env = detect_launch_env({**SLURM, "MASTER_ADDR": "head", "MASTER_PORT": "1234"})
     assert (env.master_addr, env.master_port) == ("head", 1234)

@@ -110,6 +110,29 @@ def test_prune_checkpoints_on_disk(tmp_path):
         resolve_checkpoint(tmp_path / "elsewhere")
 
 
+def test_retention_keeps_what_a_reader_pins(tmp_path, capfd):
+    from wsm_megatron.training.retention import PINS_DIRNAME, release_pin, write_pin
+
+    for it in (10, 20, 30, 40, 50):
+        iteration_dir(tmp_path, it).mkdir()
+        (iteration_dir(tmp_path, it) / "metadata.json").write_text("{}")
+        (iteration_dir(tmp_path, it) / ".metadata").write_bytes(b"")
+    write_tracker(tmp_path, 50)
+    write_pin(tmp_path, "watch-a", [10, 20])
+    write_pin(tmp_path, "watch-b", [20])
+    (tmp_path / PINS_DIRNAME / "foreign.json").write_text("not json")
+    assert prune_checkpoints(tmp_path, keep_last=1) == [30, 40]  # 10, 20 pinned
+    err = capfd.readouterr().err
+    assert "ignoring the pin" in err and "foreign.json" in err
+    write_pin(tmp_path, "watch-a", [20])  # a pin moves on: 10 goes at the next prune
+    assert prune_checkpoints(tmp_path, keep_last=1) == [10]
+    release_pin(tmp_path, "watch-a")
+    assert prune_checkpoints(tmp_path, keep_last=1) == []  # watch-b still pins 20
+    release_pin(tmp_path, "watch-b")
+    assert prune_checkpoints(tmp_path, keep_last=1) == [20]
+    assert list_iterations(tmp_path) == [50]
+
+
 def test_background_retention_does_not_hold_up_the_caller_and_a_failed_delete_is_a_warning(
     tmp_path, monkeypatch, capfd
 ):

@@ -5,8 +5,10 @@ One place decides rank, world size, local rank and rendezvous address:
 - torchrun (or any launcher that sets ``RANK``/``WORLD_SIZE``/``LOCAL_RANK``/``MASTER_ADDR``/
   ``MASTER_PORT``) wins, also inside a SLURM allocation (``srun torchrun ...`` is common);
 - otherwise SLURM's ``SLURM_PROCID``/``SLURM_NTASKS``/``SLURM_LOCALID``, with the rendezvous host
-  taken from ``MASTER_ADDR`` or else the first host of ``SLURM_JOB_NODELIST`` and the port from
-  ``MASTER_PORT`` or else a port derived from ``SLURM_JOB_ID``;
+  taken from ``MASTER_ADDR`` or else the first host of the job step's nodes
+  (``SLURM_STEP_NODELIST``, else ``SLURM_JOB_NODELIST``: a job with two steps on nodes of their
+  own, training and ``wsm-watch``) and the port from ``MASTER_PORT`` or else a port derived
+  from ``SLURM_JOB_ID``;
 - otherwise a single process on localhost.
 
 NCCL with one CUDA device per local rank when GPUs exist (the only visible one under a
@@ -193,6 +195,8 @@ def detect_launch_env(env: Mapping[str, str] | None = None) -> LaunchEnv:
         local_rank = _int_var(env, "SLURM_LOCALID")
         if "MASTER_ADDR" in env:
             addr = env["MASTER_ADDR"]
+        elif "SLURM_STEP_NODELIST" in env:
+            addr = first_slurm_host(env["SLURM_STEP_NODELIST"])
         elif "SLURM_JOB_NODELIST" in env:
             addr = first_slurm_host(env["SLURM_JOB_NODELIST"])
         elif world == 1:

@@ -397,6 +397,34 @@ def model_sharded_state_dict(model: list[torch.nn.Module], metadata: dict | None
     return {f"model{i}": c.sharded_state_dict(metadata=metadata) for i, c in enumerate(chunks)}
 
 
+def model_shapes(model: list[torch.nn.Module]) -> dict[str, tuple[int, ...]]:
+    """The global shape of every tensor the model loads, by checkpoint key."""
+    from megatron.core.dist_checkpointing.dict_utils import nested_values
+    from megatron.core.dist_checkpointing.mapping import ShardedTensor
+
+    sharded = model_sharded_state_dict(model)
+    return {
+        sh.key: tuple(sh.global_shape)
+        for sh in nested_values(sharded)
+        if isinstance(sh, ShardedTensor)
+    }
+
+
+def model_mismatch(shapes: dict[str, tuple[int, ...]], ckpt_dir: str | Path) -> str | None:
+    """The first of ``shapes`` (:func:`model_shapes`) that the checkpoint lacks or holds at
+    another shape, in words; None when the checkpoint fits the model."""
+    import torch.distributed.checkpoint as dcp
+
+    saved = dcp.FileSystemReader(str(ckpt_dir)).read_metadata().state_dict_metadata
+    for key, shape in shapes.items():
+        md = saved.get(key)
+        if md is None:
+            return f"the model's {key} is not in the checkpoint"
+        if tuple(getattr(md, "size", ())) != shape:
+            return f"{key} is {tuple(md.size)} in the checkpoint and {shape} in the model"
+    return None
+
+
 LR_BOUNDS = ("max_lr", "min_lr")
 """The param-group keys megatron-core's scheduler reads its LR range from."""
 

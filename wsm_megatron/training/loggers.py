@@ -75,6 +75,7 @@ class MetricsLogger:
             self.wandb = wandb.init(
                 project=log.wandb_project,
                 name=log.wandb_name,
+                group=log.wandb_group or log.wandb_name,
                 dir=str(wandb_dir),
                 mode=log.wandb_mode,
                 job_type=job_type,

@@ -9,10 +9,17 @@ than the tracker (what killed saves left) and the saves made on a stop request o
 checkpoint is complete (they exist to resume from, off the save interval). A checkpoint is
 first renamed out of the ``iter_*`` namespace, then deleted: a half-deleted folder never looks
 like a checkpoint. A failed delete is a warning, never an error.
+
+A reader beside the run (``wsm-watch``) *pins* the iterations it still needs: a JSON file
+``ROOT/.wsm-pins/OWNER.json`` (``{"iterations": [...]}``, written atomically) that retention
+reads before every prune and never deletes from; the reader rewrites it as its needs move and
+removes it when done. A pinned iteration is kept on top of ``keep_last``. A pin a reader left
+behind (killed for good) is removed by hand: ``rm ROOT/.wsm-pins/OWNER.json``.
 """
 
 from __future__ import annotations
 
+import json
 import os
 import queue
 import shutil
@@ -21,6 +28,7 @@ import threading
 from collections.abc import Collection
 from pathlib import Path
 
+from wsm_megatron.atomic import atomic_write_text
 from wsm_megatron.layout import (
     is_complete,
     is_stop_save,
@@ -30,6 +38,36 @@ from wsm_megatron.layout import (
 )
 
 DELETING_PREFIX = ".deleting-"
+PINS_DIRNAME = ".wsm-pins"
+
+
+def pin_path(root: str | Path, owner: str) -> Path:
+    """Where ``owner``'s pin of checkpoints under ``root`` lives."""
+    return Path(root) / PINS_DIRNAME / f"{owner}.json"
+
+
+def write_pin(root: str | Path, owner: str, iterations: Collection[int]) -> None:
+    """Pin ``iterations`` under ``root`` for ``owner`` (replacing its earlier pin)."""
+    data = {"iterations": sorted(set(iterations)), "pid": os.getpid()}
+    atomic_write_text(pin_path(root, owner), json.dumps(data) + "\n")
+
+
+def release_pin(root: str | Path, owner: str) -> None:
+    """Remove ``owner``'s pin (nothing when there is none)."""
+    pin_path(root, owner).unlink(missing_ok=True)
+
+
+def pinned_iterations(root: str | Path) -> set[int]:
+    """Every iteration some reader pins under ``root``. A pin that does not parse (a foreign
+    file) is a warning and pins nothing; pins are written atomically, so none is torn."""
+    pinned: set[int] = set()
+    folder = Path(root) / PINS_DIRNAME
+    for path in sorted(folder.glob("*.json")) if folder.is_dir() else []:
+        try:
+            pinned |= {int(it) for it in json.loads(path.read_text())["iterations"]}
+        except (OSError, ValueError, KeyError, TypeError) as err:
+            print(f"WARNING: retention: ignoring the pin {path}: {err}", file=sys.stderr)
+    return pinned
 
 
 def checkpoints_to_prune(
@@ -58,8 +96,9 @@ def checkpoints_to_prune(
 
 
 def prune_checkpoints(root: str | Path, keep_last: int, keep_every: int | None = None) -> list[int]:
-    """Delete the checkpoints under ``root`` that :func:`checkpoints_to_prune` selects (and
-    what earlier deletions left); returns the iterations removed."""
+    """Delete the checkpoints under ``root`` that :func:`checkpoints_to_prune` selects, but
+    none that a reader pins (:func:`write_pin`), and what earlier deletions left; returns the
+    iterations removed."""
     root = Path(root)
     tracker = read_tracker(root)
     if tracker is None:
@@ -68,7 +107,10 @@ def prune_checkpoints(root: str | Path, keep_last: int, keep_every: int | None =
     on_disk = list_iterations(root)
     complete = {it for it in on_disk if is_complete(root, it)}
     stops = {it for it in on_disk if is_stop_save(root, it)}
+    pinned = pinned_iterations(root)
     for iteration in checkpoints_to_prune(on_disk, tracker, keep_last, keep_every, complete, stops):
+        if iteration in pinned:
+            continue
         path = iteration_dir(root, iteration)
         if path.is_symlink():  # a link points at a checkpoint someone keeps elsewhere
             continue

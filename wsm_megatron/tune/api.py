@@ -48,6 +48,8 @@ class TuneOptions:
     decay_references: tuple[str, ...] = ()
     """Decay styles (``--decay-reference``): a real WSD decay per duration and style, trained
     from the window's start over its span and scored beside the merges (real training)."""
+    checkpoints_may_appear: bool = False
+    """``checkpoints`` may not exist yet (wsm-watch, started before the run's first save)."""
 
     def __post_init__(self) -> None:
         if not self.tasks:
@@ -55,7 +57,9 @@ class TuneOptions:
         for task in self.tasks:
             if task != "val" and not (task.startswith(LM_EVAL) and task != LM_EVAL):
                 raise MergeError(f"--tasks: unknown task {task!r} (val or lm-eval:TASK)")
-        if not self.checkpoints.is_dir():
+        if not self.checkpoints.is_dir() and (
+            self.checkpoints.exists() or not self.checkpoints_may_appear
+        ):
             raise MergeError(f"--checkpoints {self.checkpoints} is not a directory")
         for task, _ in self.metrics:
             if task not in self.lm_eval_tasks:

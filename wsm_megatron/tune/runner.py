@@ -137,8 +137,24 @@ class CandidateRunner:
         self, newest: Candidate, merges: Sequence[Candidate], score: Scorer, out: ScoreTable
     ) -> None:
         window = window_of([newest, *merges])
-        ring = SnapshotRing(self.values, len(window), torch.device("cpu"), shard=True)
+        ring = self.new_ring(len(window))
         load_snapshots(self.model, ring, self.root, window, self.config.seq_length)
+        self.score_ring(ring, newest, merges, score, out)
+
+    def new_ring(self, capacity: int) -> SnapshotRing:
+        """An empty ring of ``capacity`` snapshots of this rank's slices (host memory)."""
+        return SnapshotRing(self.values, capacity, torch.device("cpu"), shard=True)
+
+    def score_ring(
+        self,
+        ring: SnapshotRing,
+        newest: Candidate,
+        merges: Sequence[Candidate],
+        score: Scorer,
+        out: ScoreTable,
+    ) -> None:
+        """Score ``newest`` (the model must hold it) and every merge formed from the snapshots
+        in ``ring`` (which holds every checkpoint they need); the model ends with ``newest``."""
         ring.ready()
         by_iteration = {s.iteration: s for s in ring.entries}
         out[newest.name] = score()

@@ -16,6 +16,8 @@ class LoggingConfig:
     wandb_mode: Literal["offline", "online", "disabled"] = "offline"
     wandb_project: str = "wsm-megatron"
     wandb_name: str | None = None
+    wandb_group: str | None = None
+    """Groups the training run with its readers' runs (``wsm-watch``); default: ``wandb_name``."""
     wandb_dir: str | None = None
     """Default: the parent of ``checkpoint.save`` (or the current directory)."""
     tensorboard_dir: str | None = None
