@@ -58,3 +58,18 @@ def test_refuses_to_overwrite_and_reports_config_errors(tmp_path, capsys):
         capsys.readouterr().err
     )
     assert not (tmp_path / "new").exists()
+
+
+def test_watch_command_is_a_valid_wsm_watch_beside_the_run(tmp_path):
+    from wsm_megatron.cli.watch import build_parser
+    from wsm_megatron.training.config import load_config
+
+    config = load_config(demo.CONFIG, ["merge.quantity=6"])
+    cmd = demo.watch_command(str(demo.CONFIG), ["merge.quantity=6"], config, tmp_path)
+    assert cmd[:3] == [sys.executable, "-m", "wsm_megatron.cli.watch"]
+    args = build_parser().parse_args(cmd[3:])
+    assert args.durations == [2, 4, 6] and args.schedules == ["linear", "minus-sqrt"]
+    assert args.until_iteration == config.train.train_iters and args.output == tmp_path / "watch"
+    watcher = load_config(args.config, args.overrides)  # its own layout: one process
+    assert watcher.parallel.tensor_model_parallel_size == 1
+    assert watcher.model == config.model and watcher.data == config.data

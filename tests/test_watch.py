@@ -73,12 +73,12 @@ def _watch(argv: list[str], remove: dict[int, list[int]] | None = None) -> tuple
     if remove:
         real = api.plan_iteration
 
-        def plan(root, grid, iteration, known):
+        def plan(root, grid, iteration, known, unusable=()):
             for it in remove.get(iteration, []):
                 doomed = root / f".deleting-{iteration_dir(root, it).name}"
                 os.replace(iteration_dir(root, it), doomed)
                 shutil.rmtree(doomed)
-            return real(root, grid, iteration, known)
+            return real(root, grid, iteration, known, unusable)
 
         api.plan_iteration = plan
     printed = io.StringIO()  # stdout and stderr
@@ -138,6 +138,9 @@ def test_once_at_another_layout_equals_wsm_tune_bitwise(run, watched, tmp_path):
     assert rows[8, "3:linear"]["tokens"] == 8 * 8 * 32  # iterations x batch x seq_length
     assert "wsm-watch: iteration 8" in printed  # the table's title
     assert "4 checkpoint(s) scored, 4 read from disk" in printed  # each checkpoint read once
+    assert "iteration 2: 1 candidate(s) in" in printed
+    assert "3 newer checkpoint(s) waiting" in printed
+    assert "iteration 8: 5 candidate(s) in" in printed  # progress: rate and what is left
     state = json.loads((out / "watch_state.json").read_text())
     assert state["scored"] == [2, 4, 6, 8] and state["skipped"] == {}
     assert (out / "watch.png").stat().st_size > 10_000
@@ -404,3 +407,50 @@ def test_window_above_the_memory_budget_reads_again_and_says_so(run, watched, tm
     assert rows.keys() == reference.keys()
     for key, row in rows.items():
         assert row["val"] == pytest.approx(reference[key]["val"], rel=1e-5), key
+
+
+def _poison(ckpt: Path) -> None:
+    """A NaN in the first element of the final norm's weight, written into its shard file."""
+    import struct
+
+    import torch
+
+    from wsm_megatron.merge.dcp_format import StorageFiles, locate_tensor, read_metadata
+
+    key = "decoder.final_layernorm.weight"
+    metadata = read_metadata(ckpt)
+    index = next(i for i in metadata.storage_data if i.fqn == key)
+    info = metadata.storage_data[index]
+    raw = locate_tensor(
+        StorageFiles(), ckpt / info.relative_path, info, where=key,
+        expected_dtype=torch.float32, expected_size=(64,),
+    )  # fmt: skip
+    with open(raw.path, "r+b") as f:
+        f.seek(raw.data_offset)
+        f.write(struct.pack("<f", float("nan")))
+
+
+def test_damaged_and_nan_checkpoints_are_reported_and_skipped(run, tmp_path):
+    """A checkpoint whose checksums fail is retried, then skipped with its iteration; one
+    without checksums (as Megatron-LM writes) that loads with a NaN is skipped too; windows
+    that hold either are skipped with a line, and the watcher goes on."""
+    overrides, source = run
+    ckpts = tmp_path / "ckpts"
+    shutil.copytree(source, ckpts)
+    _poison(iteration_dir(ckpts, 4))
+    (iteration_dir(ckpts, 6) / "wsm_integrity.json").unlink()
+    _poison(iteration_dir(ckpts, 6))
+    out = tmp_path / "watch"
+    argv = _argv(overrides, ckpts, out, "--once", "--load-retries", "1")
+    status, printed = run_distributed(_watch, 1, argv)[0]
+    assert status == 0, printed
+    assert "iteration 4: load failed (ValueError: checkpoint " in printed
+    assert "retrying in 1 s" in printed and "is damaged" in printed
+    assert "iteration 4: failed to load (ValueError: checkpoint " in printed
+    assert "iteration 6: non-finite val (NaN/Inf in its values); skipped" in printed
+    assert "window 2 ending at iteration 6: checkpoint(s) [4] could not be used" in printed
+    assert "window 2 ending at iteration 8: checkpoint(s) [6] could not be used" in printed
+    assert "Traceback" not in printed
+    state = json.loads((out / "watch_state.json").read_text())
+    assert state["scored"] == [2, 8] and set(state["skipped"]) == {"4", "6"}
+    assert {name for it, name in _by_key(_rows(out))} == {"newest"}

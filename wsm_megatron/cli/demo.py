@@ -11,9 +11,11 @@
    bitwise the last online merge (so its validation loss is the last merged loss),
 
 then prints both losses, draws ``DIR/loss.png`` (the raw and merged validation curves over the
-whole run) and writes ``DIR/results.json``. Extra arguments
-are config overrides (``train.lr=1e-2``...). Every command it runs is printed first, so each step
-can be repeated by hand.
+whole run) and writes ``DIR/results.json``. With ``--watch``, ``wsm-watch`` follows the
+run from its own process while it trains (a sidecar at TP=1: each new checkpoint alone and its
+merges of 2, 4 and ``merge.quantity`` checkpoints, linear and 1-sqrt), in ``DIR/watch/``.
+Extra arguments are config overrides (``train.lr=1e-2``...). Every command it runs is printed
+first, so each step can be repeated by hand.
 """
 
 from __future__ import annotations
@@ -40,6 +42,8 @@ OUTPUTS = (
     "wandb",
     "results.json",
     "loss.png",
+    "watch",
+    "watch.log",
 )
 
 
@@ -59,6 +63,11 @@ def build_parser() -> argparse.ArgumentParser:
         "~/.cache/wsm-megatron)",
     )
     p.add_argument("--overwrite", action="store_true", help="replace a previous demo in DIR")
+    p.add_argument(
+        "--watch", action="store_true",
+        help="also follow the run with wsm-watch as it trains (one more process, TP=1): its "
+        "table per checkpoint in DIR/watch.log, its rows and plot in DIR/watch/",
+    )  # fmt: skip
     p.add_argument("overrides", nargs="*", metavar="SECTION.KEY=VALUE", help="config overrides")
     return p
 
@@ -72,6 +81,40 @@ def _run(cmd: list[str], env: dict[str, str]) -> None:
         shown = ["wsm-merge", *cmd[3:]]
     print("+ " + " ".join(shown), flush=True)
     subprocess.run(cmd, check=True, env=env)
+
+
+def _start(cmd: list[str], env: dict[str, str], log: Path) -> subprocess.Popen:
+    """Start ``cmd`` in the background, its output in ``log`` (printed as typed, with ``&``)."""
+    shown = ["wsm-watch", *cmd[3:]] if cmd[1:3] == ["-m", "wsm_megatron.cli.watch"] else cmd
+    print("+ " + " ".join(shown) + f" > {log} &", flush=True)
+    with log.open("w") as f:
+        return subprocess.Popen(cmd, env=env, stdout=f, stderr=subprocess.STDOUT)
+
+
+def watch_command(config_path: str, overrides: list[str], config: Any, out: Path) -> list[str]:
+    """``wsm-watch`` beside the demo's training: one process at TP=1, until its last
+    iteration; merges of 2, 4 and ``merge.quantity`` checkpoints, linear and 1-sqrt."""
+    durations = sorted({n for n in (2, 4, config.merge_quantity) if n <= config.merge_quantity})
+    return [
+        sys.executable, "-m", "wsm_megatron.cli.watch", "--config", config_path, *overrides,
+        "parallel.tensor_model_parallel_size=1", "parallel.pipeline_model_parallel_size=1",
+        "--durations", ",".join(map(str, durations)), "--schedules", "linear,minus-sqrt",
+        "--until-iteration", str(config.train.train_iters), "--poll-seconds", "5",
+        "--output", str(out / "watch"),
+    ]  # fmt: skip
+
+
+def _wait_watch(watcher: subprocess.Popen, out: Path) -> int:
+    """Wait for the watcher to score the run's last checkpoints; its last table and summary."""
+    status = watcher.wait()
+    lines = (out / "watch.log").read_text().splitlines()
+    if status != 0:
+        print("\n".join(lines[-5:]), file=sys.stderr)
+        print(f"{PROG}: error: wsm-watch failed (exit status {status})", file=sys.stderr)
+        return status
+    start = max(i for i, line in enumerate(lines) if "wsm-watch: iteration" in line)
+    print("\n".join(lines[start:]), flush=True)
+    return 0
 
 
 def torchrun(nproc: int, args: list[str]) -> list[str]:
@@ -219,8 +262,18 @@ def _demo(args: argparse.Namespace, config: Any, out: Path, overrides: list[str]
         flush=True,
     )
     step = time.perf_counter()
-    _run(torchrun(nproc, ["--config", args.config, *overrides]), env)
+    watcher = None
+    if args.watch:
+        watcher = _start(watch_command(args.config, overrides, config, out), env, out / "watch.log")
+    try:
+        _run(torchrun(nproc, ["--config", args.config, *overrides]), env)
+    except BaseException:
+        if watcher is not None:
+            watcher.kill()
+        raise
     timings["train_s"] = time.perf_counter() - step
+    if watcher is not None and _wait_watch(watcher, out) != 0:
+        return 1
 
     print(
         f"[3/3] wsm-merge of the newest {quantity} checkpoints ({config.merge.schedule}), "
@@ -283,6 +336,9 @@ def _demo(args: argparse.Namespace, config: Any, out: Path, overrides: list[str]
         "plot": str(out / "loss.png"),
         "seconds": {k: round(v, 1) for k, v in timings.items()},
     }
+    if args.watch:
+        watch = {"rows": out / "watch" / "watch.jsonl", "plot": out / "watch" / "watch.png"}
+        results["watch"] = {k: str(v) for k, v in watch.items()}
     (out / "results.json").write_text(json.dumps(results, indent=1) + "\n")
     print(
         f"\nwsm-merge output {iteration_dir(merged, window[-1])} is bitwise the online merge "

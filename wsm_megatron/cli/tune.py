@@ -26,7 +26,7 @@ import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from wsm_megatron.cli.arguments import add_lm_eval_arguments, comma_separated, eval_options
 from wsm_megatron.cli.train import _quiet_imports, _raised_by_us
@@ -57,16 +57,8 @@ def _task_metric(text: str) -> tuple[str, str]:
     return task, name
 
 
-def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
-        prog=PROG,
-        description="Score every candidate WSM merge (merge duration x schedule, and the newest "
-        "checkpoint alone) in memory at the run's TP/PP layout: each rank loads its shard of "
-        "every checkpoint once, nothing is written per candidate. Writes tune.json and tune.png.",
-    )
-    p.add_argument("--config", required=True, metavar="YAML", help="the run's config")
-    p.add_argument("overrides", nargs="*", metavar="SECTION.KEY=VALUE", help="config overrides")
-    p.add_argument("--checkpoints", required=True, metavar="ROOT", help="checkpoint root (iter_*)")
+def add_candidate_arguments(p: argparse.ArgumentParser) -> None:
+    """The flags that say which candidates to score and how (wsm-tune, wsm-watch)."""
     p.add_argument(
         "--durations", type=_int_list, default=[], metavar="N1,N2,...",
         help="windows of the newest N checkpoints",
@@ -86,6 +78,61 @@ def build_parser() -> argparse.ArgumentParser:
         "schedule's weights are those of the checkpoints merged (default 1)",
     )  # fmt: skip
     p.add_argument(
+        "--tasks", type=_str_list, default=["val"], metavar="TASK,...",
+        help="scores: val (validation loss, the default) and lm-eval:TASK (lm-evaluation-harness, "
+        "extra [eval]); the first ranks the candidates",
+    )  # fmt: skip
+    p.add_argument(
+        "--metric", action="append", type=_task_metric, default=[], metavar="TASK=NAME",
+        help="the metric that scores lm-eval TASK (default: acc_norm, acc, exact_match, "
+        "word_perplexity, bits_per_byte, the first reported; its direction is lm-eval's)",
+    )  # fmt: skip
+    p.add_argument(
+        "--snapshot-memory-gb", type=float, default=64.0, metavar="GB",
+        help="snapshot memory per rank (64); above it the candidates run in groups",
+    )  # fmt: skip
+
+
+def tune_options(
+    args: argparse.Namespace, checkpoints: Path, end_iteration: int | None, **extra: Any
+) -> TuneOptions:
+    """:class:`TuneOptions` from :func:`add_candidate_arguments`' flags (and ``--output``,
+    ``--save-best``, lm-eval's); ``extra``: further fields."""
+    from wsm_megatron.tune.api import TuneOptions
+    from wsm_megatron.tune.candidates import TuneGrid
+
+    grid = TuneGrid(
+        tuple(args.durations),
+        tuple(args.durations_tokens),
+        tuple(args.schedules),
+        end_iteration,
+        tuple(args.intervals),
+    )
+    return TuneOptions(
+        checkpoints=checkpoints,
+        grid=grid,
+        output=args.output,
+        tasks=tuple(args.tasks),
+        save_best=args.save_best,
+        snapshot_memory_gb=args.snapshot_memory_gb,
+        lm_eval=eval_options(args),
+        metrics=tuple(args.metric),
+        **extra,
+    )
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog=PROG,
+        description="Score every candidate WSM merge (merge duration x schedule, and the newest "
+        "checkpoint alone) in memory at the run's TP/PP layout: each rank loads its shard of "
+        "every checkpoint once, nothing is written per candidate. Writes tune.json and tune.png.",
+    )
+    p.add_argument("--config", required=True, metavar="YAML", help="the run's config")
+    p.add_argument("overrides", nargs="*", metavar="SECTION.KEY=VALUE", help="config overrides")
+    p.add_argument("--checkpoints", required=True, metavar="ROOT", help="checkpoint root (iter_*)")
+    add_candidate_arguments(p)
+    p.add_argument(
         "--decay-reference", type=_str_list, default=[], metavar="STYLE,...",
         help="also train a real WSD decay (linear, cosine, exponential, 1-sqrt) per duration "
         "from its window's oldest checkpoint over the window's span, into OUTPUT/decay/, and "
@@ -96,22 +143,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--end-iteration", type=int, metavar="E", help="windows end at E (default: the tracker)"
     )
-    p.add_argument(
-        "--tasks", type=_str_list, default=["val"], metavar="TASK,...",
-        help="scores: val (validation loss, the default) and lm-eval:TASK (lm-evaluation-harness, "
-        "extra [eval]); the first ranks the candidates",
-    )  # fmt: skip
-    p.add_argument(
-        "--metric", action="append", type=_task_metric, default=[], metavar="TASK=NAME",
-        help="the metric that scores lm-eval TASK (default: acc_norm, acc, exact_match, "
-        "word_perplexity, bits_per_byte, the first reported; its direction is lm-eval's)",
-    )  # fmt: skip
     p.add_argument("--output", type=Path, default=Path("tune"), metavar="DIR", help="(./tune)")
     p.add_argument("--save-best", type=Path, metavar="DIR", help="write the best merge here")
-    p.add_argument(
-        "--snapshot-memory-gb", type=float, default=64.0, metavar="GB",
-        help="snapshot memory per rank (64); above it the candidates run in groups",
-    )  # fmt: skip
     add_lm_eval_arguments(p, files=False, bootstrap_iters=0)
     return p
 
@@ -121,27 +154,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     _quiet_imports()
     from wsm_megatron.training.config import ConfigError, load_config
-    from wsm_megatron.tune.api import TuneOptions
-    from wsm_megatron.tune.candidates import TuneGrid
 
     is_main = os.environ.get("RANK", os.environ.get("SLURM_PROCID", "0")) == "0"
     try:
         config = load_config(args.config, args.overrides)
-        options = TuneOptions(
-            checkpoints=Path(args.checkpoints),
-            grid=TuneGrid(
-                tuple(args.durations),
-                tuple(args.durations_tokens),
-                tuple(args.schedules),
-                args.end_iteration,
-                tuple(args.intervals),
-            ),
-            output=args.output,
-            tasks=tuple(args.tasks),
-            save_best=args.save_best,
-            snapshot_memory_gb=args.snapshot_memory_gb,
-            lm_eval=eval_options(args),
-            metrics=tuple(args.metric),
+        options = tune_options(
+            args,
+            Path(args.checkpoints),
+            args.end_iteration,
             decay_references=tuple(args.decay_reference),
         )
     except (ConfigError, MergeError, ValueError) as err:

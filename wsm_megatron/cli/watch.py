@@ -27,9 +27,9 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from wsm_megatron.cli.arguments import add_lm_eval_arguments, eval_options
+from wsm_megatron.cli.arguments import add_lm_eval_arguments
 from wsm_megatron.cli.train import _quiet_imports, _raised_by_us
-from wsm_megatron.cli.tune import _int_list, _str_list, _task_metric, _token_list
+from wsm_megatron.cli.tune import add_candidate_arguments, tune_options
 from wsm_megatron.merge.errors import MergeError
 
 if TYPE_CHECKING:
@@ -55,31 +55,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--checkpoints", metavar="ROOT",
         help="the run's checkpoint root (default: the config's checkpoint.save)",
     )  # fmt: skip
-    p.add_argument(
-        "--durations", type=_int_list, default=[], metavar="N1,N2,...",
-        help="windows of the newest N checkpoints",
-    )  # fmt: skip
-    p.add_argument(
-        "--durations-tokens", type=_token_list, default=[], metavar="T1,T2,...",
-        help="windows of T tokens (suffixes K/M/B/T: 20B,40B)",
-    )  # fmt: skip
-    p.add_argument(
-        "--schedules", type=_str_list, default=["linear"], metavar="S1,S2,...",
-        help="merge schedules (as wsm-merge --schedule; default linear)",
-    )  # fmt: skip
-    p.add_argument(
-        "--intervals", type=_int_list, default=[1], metavar="K1,K2,...",
-        help="merge every K-th checkpoint of each window (as wsm-tune; default 1)",
-    )  # fmt: skip
-    p.add_argument(
-        "--tasks", type=_str_list, default=["val"], metavar="TASK,...",
-        help="scores: val (validation loss, the default) and lm-eval:TASK; the first ranks "
-        "the merges (--save-best)",
-    )  # fmt: skip
-    p.add_argument(
-        "--metric", action="append", type=_task_metric, default=[], metavar="TASK=NAME",
-        help="the metric that scores lm-eval TASK (as wsm-tune)",
-    )  # fmt: skip
+    add_candidate_arguments(p)
     p.add_argument("--output", type=Path, default=Path("watch"), metavar="DIR", help="(./watch)")
     p.add_argument(
         "--poll-seconds", type=float, default=60.0, metavar="S",
@@ -99,10 +75,6 @@ def build_parser() -> argparse.ArgumentParser:
         "--save-best", type=Path, metavar="DIR",
         help="write the best merge so far here (wsm-merge's output), each time it improves",
     )  # fmt: skip
-    p.add_argument(
-        "--snapshot-memory-gb", type=float, default=64.0, metavar="GB",
-        help="snapshot memory per rank (64); above it the candidates run in groups",
-    )  # fmt: skip
     add_lm_eval_arguments(p, files=False, bootstrap_iters=0)
     return p
 
@@ -112,8 +84,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     _quiet_imports()
     from wsm_megatron.training.config import ConfigError, load_config
-    from wsm_megatron.tune.api import TuneOptions
-    from wsm_megatron.tune.candidates import TuneGrid
     from wsm_megatron.watch.api import WatchOptions, check_config, check_input
 
     is_main = os.environ.get("RANK", os.environ.get("SLURM_PROCID", "0")) == "0"
@@ -122,25 +92,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         checkpoints = args.checkpoints or config.checkpoint.save
         if checkpoints is None:
             raise ValueError("--checkpoints: not given, and the config has no checkpoint.save")
-        grid = TuneGrid(
-            tuple(args.durations),
-            tuple(args.durations_tokens),
-            tuple(args.schedules),
-            None,
-            tuple(args.intervals),
-        )
         options = WatchOptions(
-            TuneOptions(
-                checkpoints=Path(checkpoints),
-                grid=grid,
-                output=args.output,
-                tasks=tuple(args.tasks),
-                save_best=args.save_best,
-                snapshot_memory_gb=args.snapshot_memory_gb,
-                lm_eval=eval_options(args),
-                metrics=tuple(args.metric),
-                checkpoints_may_appear=not args.once,
-            ),
+            tune_options(args, Path(checkpoints), None, checkpoints_may_appear=not args.once),
             poll_seconds=args.poll_seconds,
             until_iteration=args.until_iteration,
             once=args.once,

@@ -14,6 +14,7 @@ checkpoint to the next).
 from __future__ import annotations
 
 import dataclasses
+import math
 import sys
 import time
 from collections.abc import Sequence
@@ -181,7 +182,7 @@ class _Watcher:
                 self._check_model(todo.iterations[0])
             for k, it in enumerate(todo.iterations):
                 self._pin(todo.iterations[k:])
-                self._one(it)
+                self._one(it, behind=len(todo.iterations) - k - 1)
             self._pin(())
             if options.once or todo.finished:
                 break
@@ -217,13 +218,16 @@ class _Watcher:
         if self.logger is not None:
             self.logger.close()
 
-    def _one(self, it: int) -> None:
-        """Score checkpoint ``it`` and its candidates; record them (rank 0)."""
+    def _one(self, it: int, behind: int) -> None:
+        """Score checkpoint ``it`` and its candidates; record them (rank 0). ``behind``: the
+        newer complete checkpoints still to score (for the progress line)."""
         t, root = self.tune, self.tune.checkpoints
+        start = time.perf_counter()
 
         def decide() -> Plan | str:
             try:
-                return plan_iteration(root, t.grid, it, self.known)
+                unusable = [i for i, why in self.state.skipped.items() if why != REMOVED]
+                return plan_iteration(root, t.grid, it, self.known, unusable)
             except MergeError as err:
                 return str(err)
 
@@ -234,8 +238,19 @@ class _Watcher:
         for line in plan.skipped:
             self.say(line)
         scores = self._scores(plan)
-        if scores is not None:
-            self._record(plan, scores)
+        if scores is None:
+            return
+        bad = [task for task, v in (scores["newest"] or {}).items() if not math.isfinite(v)]
+        if bad:
+            self._skip(it, f"non-finite {', '.join(bad)} (NaN/Inf in its values)")
+            return
+        self._record(plan, scores)
+        seconds = time.perf_counter() - start
+        eta = f", about {behind * seconds:.0f} s to catch up" if behind else ""
+        self.say(
+            f"iteration {it}: {len(plan.candidates)} candidate(s) in {seconds:.1f} s "
+            f"({len(plan.candidates) / seconds:.2f}/s); {behind} newer checkpoint(s) waiting{eta}"
+        )
 
     def _scores(self, plan: Plan) -> ScoreTable | None:
         """``plan``'s scores from the window; a failed load is retried with back-off while
@@ -262,7 +277,7 @@ class _Watcher:
 
     def _record(self, plan: Plan, scores: ScoreTable) -> None:
         t, state, it = self.tune, self.state, plan.iteration
-        rows = rows_for(it, plan.tokens, plan.candidates, scores)
+        rows = rows_for(it, plan.tokens, plan.candidates, scores, self.lower_is_better)
         best = _better_merge(state, plan, scores, t.tasks[0], self.lower_is_better)
         state.scored.append(it)
         if best is not None and t.save_best is not None:

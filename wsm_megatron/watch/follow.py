@@ -98,11 +98,18 @@ class Plan:
     span: tuple[int, ...] = ()
 
 
-def plan_iteration(root: Path, grid: TuneGrid, iteration: int, known: Collection[int]) -> Plan:
+def plan_iteration(
+    root: Path,
+    grid: TuneGrid,
+    iteration: int,
+    known: Collection[int],
+    unusable: Collection[int] = (),
+) -> Plan:
     """The candidates of ``grid`` whose windows end at ``iteration``, one window at a time: a
-    window that cannot be filled from what is on disk, or that lacks a checkpoint the watcher
-    has seen complete (``known``: retention removed it), is skipped with a line; the others
-    are exactly wsm-tune's candidates with ``--end-iteration iteration``."""
+    window that cannot be filled from what is on disk, that lacks a checkpoint the watcher
+    has seen complete (``known``: retention removed it), or that holds one it could not use
+    (``unusable``: it failed to load, or holds non-finite values) is skipped with a line; the
+    others are exactly wsm-tune's candidates with ``--end-iteration iteration``."""
     if not is_complete(root, iteration):
         return Plan(iteration, removed=True)
     try:
@@ -137,6 +144,13 @@ def plan_iteration(root: Path, grid: TuneGrid, iteration: int, known: Collection
             skipped.append(
                 f"window {label} ending at iteration {iteration}: checkpoint(s) {lacking} "
                 f"were removed (retention); skipped"
+            )
+            continue
+        bad = [it for it in selected.iterations if it in unusable]
+        if bad:
+            skipped.append(
+                f"window {label} ending at iteration {iteration}: checkpoint(s) {bad} could "
+                "not be used (see above); skipped"
             )
             continue
         skipped.extend(s.describe() for s in built.skipped)

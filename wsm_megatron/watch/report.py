@@ -52,9 +52,14 @@ class WatchState:
 
 
 def rows_for(
-    iteration: int, tokens: int | None, candidates: tuple[Candidate, ...], scores: ScoreTable
+    iteration: int,
+    tokens: int | None,
+    candidates: tuple[Candidate, ...],
+    scores: ScoreTable,
+    lower_is_better: dict[str, bool],
 ) -> list[dict[str, Any]]:
-    """One row per scored candidate of a checkpoint (None scores: non-finite merged values)."""
+    """One row per scored candidate of a checkpoint (None scores: non-finite merged values),
+    each with its tasks' directions (``lower_is_better``)."""
     rows = []
     for c in candidates:
         values = scores.get(c.name)
@@ -69,6 +74,7 @@ def rows_for(
                 "coefficients": list(c.coefficients),
                 "tokens": tokens,
                 "finite": values is not None,
+                "lower_is_better": {t: lower_is_better.get(t, True) for t in values or {}},
                 **(values or {}),
             }
         )
@@ -120,35 +126,54 @@ def keep_rows(output: Path, scored: set[int]) -> None:
 
 
 def plot(rows: list[dict[str, Any]], task: str, path: Path) -> None:
-    """``task`` against tokens (iteration when unknown): the newest checkpoint alone and one
-    line per candidate name."""
+    """Left: ``task`` against tokens (iteration when unknown), the newest checkpoint alone and
+    one line per candidate; right: each candidate's gain over the newest checkpoint at the
+    same point (positive: the merge is better)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    by_tokens = all(r.get("tokens") is not None for r in rows)
-    xkey = "tokens" if by_tokens else "iteration"
-    lines: dict[str, list[tuple[float, float]]] = {}
-    for r in rows:
-        if r.get(task) is not None:
-            lines.setdefault(r["name"], []).append((r[xkey], r[task]))
-    fig, ax = plt.subplots(figsize=(8, 5))
+    xkey = "tokens" if all(r.get("tokens") is not None for r in rows) else "iteration"
+    lines = _lines(rows, task, xkey)
+    lower = next(
+        (r["lower_is_better"][task] for r in rows if task in r.get("lower_is_better", {})), True
+    )
+    newest = dict(lines.get("newest", []))
+    fig, (ax, gain) = plt.subplots(1, 2, figsize=(13, 4.8))
     for name, points in lines.items():
-        points.sort()
         xs, ys = zip(*points, strict=True)
         style = {"color": "black", "linewidth": 2.0} if name == "newest" else {}
         ax.plot(xs, ys, marker="o", markersize=3, label=name, **style)
-    ax.set_xlabel("tokens" if by_tokens else "iteration")
-    ax.set_ylabel(task)
-    ax.set_title(f"wsm-watch: {task} of the newest checkpoint and of each merge ending at it")
-    ax.grid(alpha=0.3)
+        if name != "newest":
+            paired = [(x, (newest[x] - y) * (1 if lower else -1)) for x, y in points if x in newest]
+            if paired:
+                gain.plot(*zip(*paired, strict=True), marker="o", markersize=3, label=name)
+    gain.axhline(0.0, color="black", linewidth=2.0, label="newest (left: black)")
+    for a, ylabel in ((ax, task), (gain, f"gain in {task} over the newest (+: merge better)")):
+        a.set_xlabel(xkey)
+        a.set_ylabel(ylabel)
+        a.grid(alpha=0.3)
+    ax.set_title(f"{task}: the newest checkpoint and each merge ending at it")
+    gain.set_title("each merge against the newest checkpoint")
     if lines:
-        ax.legend(fontsize="small")
+        gain.legend(fontsize="small", loc="center left", bbox_to_anchor=(1.01, 0.5))
     buffer = io.BytesIO()
     fig.savefig(buffer, format="png", dpi=100, bbox_inches="tight")
     plt.close(fig)
     atomic_write_bytes(path, buffer.getvalue())
+
+
+Points = list[tuple[float, float]]
+
+
+def _lines(rows: list[dict[str, Any]], task: str, xkey: str) -> dict[str, Points]:
+    """``(x, score)`` points per candidate name, sorted by x."""
+    lines: dict[str, Points] = {}
+    for r in rows:
+        if r.get(task) is not None:
+            lines.setdefault(r["name"], []).append((r[xkey], r[task]))
+    return {name: sorted(points) for name, points in lines.items()}
 
 
 def print_table(
@@ -181,7 +206,7 @@ def print_table(
 def wandb_values(rows: list[dict[str, Any]]) -> dict[str, float]:
     """One checkpoint's scores as wandb keys, ``<candidate>/<task>`` (``newest/val``)."""
     skip = {"iteration", "name", "duration", "interval", "schedule", "window", "coefficients"}
-    skip |= {"tokens", "finite"}
+    skip |= {"tokens", "finite", "lower_is_better"}
     values = {
         f"{r['name']}/{key}": value
         for r in rows
