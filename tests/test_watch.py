@@ -454,3 +454,55 @@ def test_damaged_and_nan_checkpoints_are_reported_and_skipped(run, tmp_path):
     state = json.loads((out / "watch_state.json").read_text())
     assert state["scored"] == [2, 8] and set(state["skipped"]) == {"4", "6"}
     assert {name for it, name in _by_key(_rows(out))} == {"newest"}
+
+
+def _evaluate(overrides: list[str], checkpoints: list[str]) -> dict:
+    from wsm_megatron.training.trainer import evaluate_checkpoints
+
+    return evaluate_checkpoints(load_config(TINY_CONFIG, overrides), checkpoints)
+
+
+def test_rows_equal_wsm_merge_and_evaluate_bitwise_here_and_to_fp32_at_the_runs_layout(
+    run, watched, tmp_path
+):  # fmt: skip
+    """A row of the watcher (TP=1) is ``wsm-merge`` of its window + ``wsm-train --evaluate``:
+    bitwise at its own layout, to fp32 rounding at the run's (TP=2)."""
+    from wsm_megatron.cli.merge import main as merge_main
+
+    overrides, ckpts = run
+    rows = _by_key(_rows(watched[0]))
+    paths = {}
+    for it, name in [(6, "2:minus-sqrt"), (8, "3:linear")]:
+        row, out = rows[it, name], tmp_path / f"merge-{it}-{name.replace(':', '-')}"
+        window = ",".join(map(str, row["window"]))
+        flags = ["--iterations", window, "--schedule", row["schedule"], "--no-progress"]
+        assert merge_main(["--input", str(ckpts), "--output", str(out), *flags]) == 0
+        paths[it, name] = str(out)
+    here = run_distributed(_evaluate, 1, [*overrides, *TP1], list(paths.values()))[0]
+    there = run_distributed(_evaluate, 2, overrides, list(paths.values()))[0]
+    for key, path in paths.items():
+        assert rows[key]["val"] == here[path]["val_loss"], key
+        assert rows[key]["val"] == pytest.approx(there[path]["val_loss"], rel=1e-5), key
+
+
+def test_watcher_on_two_ranks_at_dp2_scores_as_one(run, watched, tmp_path):
+    """The watcher's own launch on 2 processes (TP=1, DP=2: the ring sliced over DP, every
+    decision made on rank 0): the same checkpoints and windows, scores to fp32 rounding (the
+    loss is reduced over the replicas), and the same best merge saved."""
+    overrides, ckpts = run
+    out, best = tmp_path / "watch", tmp_path / "best"
+    argv = _argv(overrides, ckpts, out, "--once", "--save-best", str(best))
+    (status, printed), (other, quiet) = run_distributed(_watch, 2, argv)
+    assert status == other == 0, printed
+    assert "wsm-watch" not in quiet  # rank 1 prints no line, no table
+    rows, reference = _by_key(_rows(out)), _by_key(_rows(watched[0]))
+    assert rows.keys() == reference.keys()
+    for key, row in rows.items():
+        assert row["window"] == reference[key]["window"]
+        assert row["val"] == pytest.approx(reference[key]["val"], rel=1e-5), key
+    state = json.loads((out / "watch_state.json").read_text())
+    assert (
+        state["best"]["name"]
+        == json.loads((watched[0] / "watch_state.json").read_text())["best"]["name"]
+    )
+    assert read_tracker(best) == read_tracker(watched[1])

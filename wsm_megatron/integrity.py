@@ -23,7 +23,7 @@ import torch.distributed as dist
 import xxhash
 
 from wsm_megatron.atomic import atomic_write_text
-from wsm_megatron.runtime.distributed import decided_on_rank0
+from wsm_megatron.runtime.distributed import decided_on_rank0, first_on_any_rank
 
 INTEGRITY_FILENAME = "wsm_integrity.json"
 ALGORITHM = "xxh3_64"
@@ -149,7 +149,4 @@ def verify_checkpoint(ckpt_dir: Path) -> str | None:
         return planned
     names, record = planned
     rank, world = dist.get_rank(), dist.get_world_size()
-    local = check_files(ckpt_dir, names[rank::world], record)
-    problems: list[str | None] = [None] * world
-    dist.all_gather_object(problems, local)
-    return next((p for p in problems if p is not None), None)
+    return first_on_any_rank(check_files(ckpt_dir, names[rank::world], record))

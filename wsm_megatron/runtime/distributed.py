@@ -345,6 +345,16 @@ def decided_on_rank0(decide: Callable[[], T]) -> T:
     return value
 
 
+def first_on_any_rank(found: T | None) -> T | None:
+    """The first rank's non-None ``found`` (rank order), known on every rank: a problem that
+    some ranks saw (a file only they read, an error only they raised), agreed on by all."""
+    if not dist.is_initialized() or dist.get_world_size() == 1:
+        return found
+    gathered: list[T | None] = [None] * dist.get_world_size()
+    dist.all_gather_object(gathered, found)
+    return next((g for g in gathered if g is not None), None)
+
+
 _GLOO_WORLD: dist.ProcessGroup | None = None
 
 

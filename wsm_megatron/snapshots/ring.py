@@ -26,6 +26,7 @@ import torch
 import torch.distributed as dist
 
 from wsm_megatron.merge.combine import DEFAULT_ACC_DTYPE, combine
+from wsm_megatron.runtime.distributed import first_on_any_rank
 from wsm_megatron.snapshots.slicing import GATHER_CHUNK_BYTES, Bucket, Segment
 from wsm_megatron.snapshots.values import ShardValue
 
@@ -337,17 +338,13 @@ class SnapshotRing:
     # ------------------------------------------------------------------ diagnosis
     def culprit(self, snapshots: Sequence[Snapshot]) -> str:
         """Which snapshot holds NaN/Inf, over all ranks (only called when one does)."""
-        local = ""
+        local = None
         for snapshot in snapshots:
             key = self._nonfinite_key(snapshot)
             if key is not None:
                 local = f"iteration {snapshot.iteration}'s checkpoint holds NaN/Inf in {key!r}"
                 break
-        if not dist.is_initialized():
-            return local or "the merged values overflow"
-        found: list[str] = [""] * dist.get_world_size()
-        dist.all_gather_object(found, local)
-        return next((f for f in found if f), "the merged values overflow")
+        return first_on_any_rank(local) or "the merged values overflow"
 
     def _nonfinite_key(self, snapshot: Snapshot) -> str | None:
         for rb, values in zip(self.buckets, snapshot.slices, strict=True):

@@ -62,6 +62,7 @@ from wsm_megatron.layout import (
     write_tracker,
 )
 from wsm_megatron.runtime import cpu_compat, decided_on_rank0
+from wsm_megatron.runtime.distributed import first_on_any_rank
 from wsm_megatron.training.config import WSMConfig
 from wsm_megatron.training.optimizer import TrainState, params_synced
 from wsm_megatron.training.retention import BackgroundPruner
@@ -698,10 +699,7 @@ class Checkpointer:
         seen: the ranks agree on it (one small all-gather)."""
         from wsm_megatron.merge.writer import os_error_of, refused_write, write_error
 
-        found = os_error_of(err) or refused_write(ckpt_dir, err)
-        causes: list[OSError | None] = [None] * dist.get_world_size()
-        dist.all_gather_object(causes, found)
-        cause = next((c for c in causes if c is not None), None)
+        cause = first_on_any_rank(os_error_of(err) or refused_write(ckpt_dir, err))
         if cause is None:
             return err
         tracker = read_tracker(self.config.checkpoint.save)

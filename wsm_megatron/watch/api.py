@@ -24,7 +24,7 @@ from typing import Any
 
 from wsm_megatron.layout import is_complete, iteration_dir
 from wsm_megatron.merge.errors import MergeError
-from wsm_megatron.runtime import decided_on_rank0
+from wsm_megatron.runtime.distributed import decided_on_rank0, first_on_any_rank
 from wsm_megatron.training.checkpointing import model_mismatch, model_shapes
 from wsm_megatron.training.config import WSMConfig
 from wsm_megatron.tune.api import TuneOptions, _scorer, dist_is_main
@@ -258,12 +258,14 @@ class _Watcher:
         newest, merges = plan.candidates[0], list(plan.candidates[1:])
         root, it = self.tune.checkpoints, plan.iteration
         for attempt in range(self.options.load_retries + 1):
-            error = None
+            error = scores = None
             try:
-                return self.window.score(newest, merges, plan.span, self.score)
+                scores = self.window.score(newest, merges, plan.span, self.score)
             except Exception as err:  # noqa: BLE001 - a checkpoint that fails to load is skipped
                 error = f"{type(err).__name__}: {err}"
-            error = decided_on_rank0(lambda e=error: e)
+            error = first_on_any_rank(error)  # a failure on some ranks: every rank retries
+            if error is None:
+                return scores
             self.window.reset()  # it may hold half of a window
             if decided_on_rank0(lambda: not is_complete(root, it)):
                 self._skip(it, REMOVED)
