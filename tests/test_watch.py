@@ -506,3 +506,31 @@ def test_watcher_on_two_ranks_at_dp2_scores_as_one(run, watched, tmp_path):
         == json.loads((watched[0] / "watch_state.json").read_text())["best"]["name"]
     )
     assert read_tracker(best) == read_tracker(watched[1])
+
+
+def _tune_tokens(overrides: list[str], ckpts: str, output: str, end: int) -> dict:
+    from wsm_megatron.tune.api import TuneOptions, tune
+    from wsm_megatron.tune.candidates import TuneGrid
+
+    grid = TuneGrid(durations_tokens=(1024,), schedules=("linear",), end_iteration=end)
+    tune(load_config(TINY_CONFIG, [*overrides, *TP1]), TuneOptions(Path(ckpts), grid, Path(output)))
+    return json.loads((Path(output) / "tune.json").read_text())
+
+
+def test_token_windows_grow_the_window_and_equal_wsm_tune(run, tmp_path):
+    """``--durations-tokens``: the window's size is learnt as the run goes (re-read once, said
+    in a line, when a window outgrows it); the rows are wsm-tune's, bitwise."""
+    overrides, ckpts = run
+    out = tmp_path / "watch"
+    argv = [
+        "--config", str(TINY_CONFIG), *overrides, *TP1, "--checkpoints", str(ckpts),
+        "--durations-tokens", "1024", "--schedules", "linear", "--output", str(out), "--once",
+    ]  # fmt: skip
+    status, printed = run_distributed(_watch, 1, argv)[0]
+    assert status == 0, printed
+    assert "re-reading" in printed  # the window of 1 grew
+    rows = _by_key(_rows(out))
+    report = run_distributed(_tune_tokens, 1, overrides, str(ckpts), str(tmp_path / "t"), 8)[0]
+    merges = [c for c in report["candidates"] if c["name"] != "newest"]
+    assert merges and all(rows[8, c["name"]]["val"] == c["scores"]["val"] for c in merges)
+    assert rows[8, merges[0]["name"]]["window"] == merges[0]["iterations"]
