@@ -84,7 +84,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     _quiet_imports()
     from wsm_megatron.training.config import ConfigError, load_config
-    from wsm_megatron.watch.api import WatchOptions, check_config, check_input
+    from wsm_megatron.watch.api import WatchOptions, check_config
 
     is_main = os.environ.get("RANK", os.environ.get("SLURM_PROCID", "0")) == "0"
     try:
@@ -104,13 +104,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if is_main:
             print(f"{PROG}: error: {err}", file=sys.stderr)
         return 2
-    try:
-        check_input(options)  # before any start-up
-    except MergeError as err:
-        if is_main:
-            print(f"{PROG}: error: {err}", file=sys.stderr)
-        return 1
-    return _run(config, options, is_main)
+    return _run(config, options, is_main)  # the folder is checked first, before any start-up
 
 
 def _run(config: WSMConfig, options: WatchOptions, is_main: bool) -> int:
