@@ -38,7 +38,7 @@ from wsm_megatron.merge.errors import MergeError
 from wsm_megatron.merge.selection import select_checkpoints
 from wsm_megatron.testing.checkpoints import fp64_reference, load_dcp_tensors
 from wsm_megatron.testing.distributed import run_distributed
-from wsm_megatron.testing.runs import SMALL_RUN, TINY_CONFIG, train_summary
+from wsm_megatron.testing.runs import SMALL_RUN, TINY_CONFIG, built_once, train_summary
 from wsm_megatron.training.config import load_config
 from wsm_megatron.tune.candidates import Candidate, TuneGrid, build_grid
 from wsm_megatron.tune.results import print_table
@@ -48,9 +48,10 @@ DURATIONS, SCHEDULES = (2, 4), ("linear", "minus-sqrt")
 
 
 @pytest.fixture(scope="module")
-def run(shared_tmp, tmp_path_factory) -> tuple[list[str], Path, dict[int, float]]:
-    """A trained TP=2 run: checkpoints at iterations 2, 4, 6, 8, 10; its training losses."""
-    root = tmp_path_factory.mktemp("tune-run")
+def run(shared_tmp) -> tuple[list[str], Path, dict[int, float]]:
+    """A trained TP=2 run: checkpoints at iterations 2, 4, 6, 8, 10; its training losses
+    (trained once for every xdist worker)."""
+    root = shared_tmp / "tune-run"
     overrides = [
         *SMALL_RUN,
         "checkpoint.save_interval=2",
@@ -59,7 +60,7 @@ def run(shared_tmp, tmp_path_factory) -> tuple[list[str], Path, dict[int, float]
         f"corpus.cache_dir={shared_tmp / 'wsm-train-corpus'}",
         f"checkpoint.save={root / 'ckpts'}",
     ]
-    losses = run_distributed(train_summary, 2, overrides)[0]["losses"]
+    losses = built_once(root, lambda: run_distributed(train_summary, 2, overrides)[0]["losses"])
     return overrides, root / "ckpts", losses
 
 

@@ -28,7 +28,7 @@ import pytest
 from wsm_megatron.cli.watch import main as watch_main
 from wsm_megatron.layout import iteration_dir, read_tracker
 from wsm_megatron.testing.distributed import run_distributed
-from wsm_megatron.testing.runs import SMALL_RUN, TINY_CONFIG, train_summary
+from wsm_megatron.testing.runs import SMALL_RUN, TINY_CONFIG, built_once, train_summary
 from wsm_megatron.training.config import load_config
 
 DURATIONS, SCHEDULES = "2,3", "linear,minus-sqrt"
@@ -36,9 +36,10 @@ TP1 = ["parallel.tensor_model_parallel_size=1"]
 
 
 @pytest.fixture(scope="module")
-def run(shared_tmp, tmp_path_factory) -> tuple[list[str], Path]:
-    """A trained TP=2 run: checkpoints at iterations 2, 4, 6, 8 (all kept)."""
-    root = tmp_path_factory.mktemp("watch-run")
+def run(shared_tmp) -> tuple[list[str], Path]:
+    """A trained TP=2 run: checkpoints at iterations 2, 4, 6, 8 (all kept), trained once for
+    every xdist worker (tests that change it work on a copy)."""
+    root = shared_tmp / "watch-run"
     overrides = [
         *SMALL_RUN,
         "checkpoint.save_interval=2",
@@ -47,7 +48,11 @@ def run(shared_tmp, tmp_path_factory) -> tuple[list[str], Path]:
         f"corpus.cache_dir={shared_tmp / 'wsm-train-corpus'}",
         f"checkpoint.save={root / 'ckpts'}",
     ]
-    run_distributed(train_summary, 2, overrides)
+
+    def train() -> None:
+        run_distributed(train_summary, 2, overrides)
+
+    built_once(root, train)
     return overrides, root / "ckpts"
 
 
@@ -163,7 +168,10 @@ def test_once_at_another_layout_equals_wsm_tune_bitwise(run, watched, tmp_path):
     info = json.loads((iteration_dir(best, champion["iteration"]) / "merge_info.json").read_text())
     assert [i["iteration"] for i in info["inputs"]] == champion["window"]
     assert [i["coefficient"] for i in info["inputs"]] == champion["coefficients"]
-    assert not (ckpts / ".wsm-pins").exists() or not any((ckpts / ".wsm-pins").iterdir())
+    from wsm_megatron.training.retention import pin_path
+    from wsm_megatron.watch.pin import WatchPin
+
+    assert not pin_path(ckpts, WatchPin(ckpts, out, print).owner).exists()  # released
 
 
 def test_restart_scores_every_iteration_once_and_retention_is_skipped(run, tmp_path):

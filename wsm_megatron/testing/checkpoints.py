@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import fcntl
 import itertools
 import json
 import os
@@ -453,19 +452,17 @@ def shared_megatron_checkpoints(
     iteration's ``(tp, pp)`` (default: TP=2, PP=2 for all); consecutive iterations of one layout
     are saved by one job (data-parallel where ``tp * pp < 4``)."""
     from wsm_megatron.testing.distributed import run_distributed
+    from wsm_megatron.testing.runs import built_once
 
     layouts = list(layouts) if layouts is not None else [(2, 2)] * len(iterations)
-    directory = Path(directory)
-    directory.mkdir(parents=True, exist_ok=True)
-    root = directory / "ckpts"
-    with open(directory / "ckpts.lock", "w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
-        if not (directory / "ckpts.done").exists():
-            shutil.rmtree(root, ignore_errors=True)
-            for (tp, pp), group in itertools.groupby(
-                zip(layouts, iterations, strict=True), key=lambda x: x[0]
-            ):
-                its = [it for _, it in group]
-                run_distributed(_write_at_layout, 4, str(root), its, tp, pp)
-            (directory / "ckpts.done").touch()
+    root = Path(directory) / "ckpts"
+
+    def build() -> None:
+        shutil.rmtree(root, ignore_errors=True)
+        for (tp, pp), group in itertools.groupby(
+            zip(layouts, iterations, strict=True), key=lambda x: x[0]
+        ):
+            run_distributed(_write_at_layout, 4, str(root), [it for _, it in group], tp, pp)
+
+    built_once(Path(directory), build)
     return root

@@ -3,9 +3,16 @@ test's processes (``run_distributed(train_summary, N, overrides)``) returning wh
 
 from __future__ import annotations
 
+import fcntl
 import importlib.resources
+import pickle
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
+
+from wsm_megatron.atomic import atomic_write_bytes
+
+T = TypeVar("T")
 
 TINY_CONFIG = Path(str(importlib.resources.files("wsm_megatron.configs") / "tiny-cpu.yaml"))
 SMALL_RUN = [  # tiny-cpu, smaller still: 4 layers of width 64 on 32-token sequences
@@ -35,6 +42,19 @@ TINY_MOE = [  # SMALL_RUN's model as an MoE: 2 layers, the second of 4 experts (
     "model.add_bias_linear=false",
     "model.moe_token_dispatcher_type=allgather",  # alltoall needs CUDA streams
 ]
+
+
+def built_once(directory: Path, build: Callable[[], T]) -> T:
+    """``build()``'s result, built once for all pytest-xdist workers of a session (pass a
+    folder of the session's shared temporary directory): the first caller builds it under a
+    file lock, the others wait for it and read it back (pickled)."""
+    directory.mkdir(parents=True, exist_ok=True)
+    done = directory / "built.pkl"
+    with open(directory / "built.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if not done.exists():
+            atomic_write_bytes(done, pickle.dumps(build()))
+        return pickle.loads(done.read_bytes())
 
 
 def train_summary(overrides: list[str]) -> dict[str, Any]:
