@@ -238,6 +238,20 @@ class SnapshotRing:
             self._event = self._stream.record_event()
         self.entries.append(Snapshot(iteration, position, slices, slot))
 
+    @torch.no_grad()
+    def adopt(self, other: SnapshotRing) -> None:
+        """Copy ``other``'s snapshots in, oldest first: a ring of the same values and slicing
+        (a smaller one that a window outgrew), so that nothing is read from disk again."""
+        other.ready()
+        for snapshot in other.entries:
+            if len(self.entries) == self.capacity:
+                self._free.append(self.entries.popleft().slot)
+            slot = self._free.pop(0)
+            slices = self._slots[slot]
+            assert [t.numel() for t in slices] == [t.numel() for t in snapshot.slices]
+            torch._foreach_copy_(slices, snapshot.slices)
+            self.entries.append(Snapshot(snapshot.iteration, snapshot.position, slices, slot))
+
     def fence(self) -> None:
         """Make the compute stream wait for pending copies (call before the values change)."""
         if self._event is not None:

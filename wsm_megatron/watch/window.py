@@ -4,9 +4,10 @@ its 1/DP slice), so each checkpoint of a live run is read from disk once and fee
 candidate of every window it falls in.
 
 A new checkpoint is loaded into the model and taken into the ring (the oldest snapshot leaves).
-The ring is rebuilt from disk (every checkpoint the window needs, read again) only when it
-cannot serve a window: at start-up or after a restart, when a window needs more checkpoints
-than it holds, or after a failed load. When the window's snapshots would not fit
+A window that needs more checkpoints than the ring holds (a token window early in a run) gets
+a larger ring, the snapshots held copied over. The ring is filled from disk at start-up, after
+a restart or a failed load, and read again only when a window reaches back to a checkpoint
+older than those it holds. When the window's snapshots would not fit
 ``--snapshot-memory-gb``, the candidates run as wsm-tune runs them above its budget (groups of
 accumulators, the window read again for each checkpoint), and the watcher says so once.
 """
@@ -65,19 +66,27 @@ class SlidingWindow:
             return runner.run(newest, plan, score)
         missing = [it for it in span if it not in self.iterations]
         assert missing and missing[-1] == newest.iterations[0]  # a checkpoint is scored once
-        if self._serves(missing, len(span)):
-            self._read(missing)
-        else:
+        if not self._only_newer(missing):
             self._rebuild(span, size)
+        else:
+            if self.ring is None or self.ring.capacity < len(span):
+                self._grow(size)
+            self._read(missing)
         runner.score_ring(self.ring, newest, merges, score, out)  # the model holds the newest
         return out
 
-    def _serves(self, missing: Sequence[int], size: int) -> bool:
-        """Whether reading the checkpoints it lacks (all newer than what it holds) fills it."""
+    def _only_newer(self, missing: Sequence[int]) -> bool:
+        """Whether the checkpoints it lacks are all newer than those it holds (the window
+        slides or grows; otherwise it is read again)."""
         held = self.iterations
-        if self.ring is None or self.ring.capacity < size:
-            return False
         return not held or all(it > held[-1] for it in missing)
+
+    def _grow(self, size: int) -> None:
+        """A ring of ``size`` that keeps the snapshots held (copied over, not read again)."""
+        grown = self.runner.new_ring(size)
+        if self.ring is not None:
+            grown.adopt(self.ring)
+        self.ring = grown
 
     def _rebuild(self, span: Sequence[int], size: int) -> None:
         if self.ring is not None:
