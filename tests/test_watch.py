@@ -543,3 +543,40 @@ def test_token_windows_grow_the_window_and_equal_wsm_tune(run, tmp_path):
     merges = [c for c in report["candidates"] if c["name"] != "newest"]
     assert merges and all(rows[8, c["name"]]["val"] == c["scores"]["val"] for c in merges)
     assert rows[8, merges[0]["name"]]["window"] == merges[0]["iterations"]
+
+
+def test_sigterm_stops_the_watcher_and_releases_its_pin(run, tmp_path):
+    """While it follows a run its pin holds what its window holds; SIGTERM (SLURM ending the
+    step) stops it with status 130, its pin released and its files whole."""
+    import signal
+    import time
+
+    from wsm_megatron.training.retention import pin_path
+    from wsm_megatron.watch.pin import WatchPin
+
+    overrides, ckpts = run
+    out = tmp_path / "watch"
+    pin = pin_path(ckpts, WatchPin(ckpts, out, print).owner)
+    log = tmp_path / "watch.log"
+    cmd = [sys.executable, "-m", "wsm_megatron.cli.watch", *_argv(overrides, ckpts, out)]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    watcher = subprocess.Popen(cmd, stdout=log.open("w"), stderr=subprocess.STDOUT, env=env)
+    try:
+        state = out / "watch_state.json"
+        deadline = time.monotonic() + 120
+
+        def settled() -> bool:  # all scored; the pin: its window of 3, nothing left to read
+            if not (state.is_file() and json.loads(state.read_text())["scored"] == [2, 4, 6, 8]):
+                return False
+            return json.loads(pin.read_text())["iterations"] == [4, 6, 8]
+
+        while not settled():
+            assert watcher.poll() is None and time.monotonic() < deadline, log.read_text()
+            time.sleep(0.2)
+        watcher.send_signal(signal.SIGTERM)
+        assert watcher.wait(timeout=60) == 130, log.read_text()
+    finally:
+        watcher.kill()
+    assert "wsm-watch: stopped; a restart goes on from" in log.read_text()
+    assert not pin.exists()
+    assert len(_by_key(_rows(out))) == 1 + 3 + 5 + 5  # 2: newest; 4: +2 merges; 6, 8: +4

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import signal
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -107,10 +108,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     return _run(config, options, is_main)  # the folder is checked first, before any start-up
 
 
+def _stop_on_sigterm(signum: int, frame: object) -> None:
+    """SIGTERM (SLURM ending the job step, ``kill``) stops the watcher as Ctrl-C does: its
+    pin is released, its files are whole (each is written atomically)."""
+    raise KeyboardInterrupt
+
+
 def _run(config: WSMConfig, options: WatchOptions, is_main: bool) -> int:
     from wsm_megatron.runtime import destroy_distributed
     from wsm_megatron.watch.api import watch
 
+    signal.signal(signal.SIGTERM, _stop_on_sigterm)
     try:
         watch(config, options)
     except ValueError as err:
@@ -121,7 +129,7 @@ def _run(config: WSMConfig, options: WatchOptions, is_main: bool) -> int:
         return 1
     except KeyboardInterrupt:
         if is_main:
-            print(f"{PROG}: interrupted; a restart goes on from {options.tune.output}")
+            print(f"{PROG}: stopped; a restart goes on from {options.tune.output}", flush=True)
         return 130
     finally:
         destroy_distributed()
