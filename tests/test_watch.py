@@ -580,3 +580,16 @@ def test_sigterm_stops_the_watcher_and_releases_its_pin(run, tmp_path):
     assert "wsm-watch: stopped; a restart goes on from" in log.read_text()
     assert not pin.exists()
     assert len(_by_key(_rows(out))) == 1 + 3 + 5 + 5  # 2: newest; 4: +2 merges; 6, 8: +4
+
+
+def test_a_run_as_megatron_lm_writes_it_is_followed_the_same(run, watched, tmp_path):
+    """Megatron-LM writes no ``wsm_integrity.json`` (its files are checked against DCP's byte
+    ranges instead): the watcher scores such a run exactly as ours."""
+    overrides, source = run
+    ckpts = tmp_path / "ckpts"
+    shutil.copytree(source, ckpts, ignore=shutil.ignore_patterns("wsm_integrity.json", ".wsm-*"))
+    assert not list(ckpts.glob("*/wsm_integrity.json"))
+    out = tmp_path / "watch"
+    status, printed = run_distributed(_watch, 1, _argv(overrides, ckpts, out, "--once"))[0]
+    assert status == 0, printed
+    assert _by_key(_rows(out)) == _by_key(_rows(watched[0]))
