@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, TypeVar
@@ -11,6 +12,12 @@ if TYPE_CHECKING:
     from wsm_megatron.eval.options import EvalOptions
 
 T = TypeVar("T")
+
+
+def is_main_by_launcher() -> bool:
+    """Whether this process is rank 0 as its launcher says (torchrun's ``RANK``, SLURM's
+    ``SLURM_PROCID``), before any process group exists: only rank 0 prints an error line."""
+    return os.environ.get("RANK", os.environ.get("SLURM_PROCID", "0")) == "0"
 
 
 def comma_separated(convert: Callable[[str], T], what: str) -> Callable[[str], list[T]]:

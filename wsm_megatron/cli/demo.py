@@ -72,21 +72,29 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+_TYPED = {
+    "torch.distributed.run": "torchrun",
+    "wsm_megatron.cli.merge": "wsm-merge",
+    "wsm_megatron.cli.watch": "wsm-watch",
+}
+
+
+def _typed(cmd: list[str]) -> str:
+    """``cmd`` as a user would type it (``python -m torch.distributed.run`` is ``torchrun``)."""
+    if cmd[1:2] == ["-m"] and cmd[2] in _TYPED:
+        cmd = [_TYPED[cmd[2]], *cmd[3:]]
+    return " ".join(cmd)
+
+
 def _run(cmd: list[str], env: dict[str, str]) -> None:
     """Run ``cmd``, first printing it as a user would type it (torchrun, wsm-merge)."""
-    shown = cmd
-    if cmd[1:3] == ["-m", "torch.distributed.run"]:
-        shown = ["torchrun", *cmd[3:]]
-    elif cmd[1:3] == ["-m", "wsm_megatron.cli.merge"]:
-        shown = ["wsm-merge", *cmd[3:]]
-    print("+ " + " ".join(shown), flush=True)
+    print(f"+ {_typed(cmd)}", flush=True)
     subprocess.run(cmd, check=True, env=env)
 
 
 def _start(cmd: list[str], env: dict[str, str], log: Path) -> subprocess.Popen:
     """Start ``cmd`` in the background, its output in ``log`` (printed as typed, with ``&``)."""
-    shown = ["wsm-watch", *cmd[3:]] if cmd[1:3] == ["-m", "wsm_megatron.cli.watch"] else cmd
-    print("+ " + " ".join(shown) + f" > {log} &", flush=True)
+    print(f"+ {_typed(cmd)} > {log} &", flush=True)
     with log.open("w") as f:
         return subprocess.Popen(cmd, env=env, stdout=f, stderr=subprocess.STDOUT)
 

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -28,6 +27,7 @@ from wsm_megatron.cli.arguments import (
     add_lm_eval_arguments,
     comma_separated,
     eval_options,
+    is_main_by_launcher,
 )
 from wsm_megatron.cli.train import _quiet_imports, _raised_by_us
 
@@ -56,7 +56,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     from wsm_megatron.runtime import destroy_distributed
     from wsm_megatron.training.config import ConfigError, load_config
 
-    is_main = os.environ.get("RANK", os.environ.get("SLURM_PROCID", "0")) == "0"
+    is_main = is_main_by_launcher()
     try:
         config = load_config(args.config, args.overrides)
         options = eval_options(args)

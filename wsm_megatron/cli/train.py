@@ -19,11 +19,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 import warnings
 from collections.abc import Sequence
 from pathlib import Path
+
+from wsm_megatron.cli.arguments import is_main_by_launcher
 
 PROG = "wsm-train"
 _PACKAGE_DIR = Path(__file__).resolve().parents[1]
@@ -134,7 +135,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     # --print-config answers at once.
     from wsm_megatron.training.config import ConfigError, dump_config, load_config
 
-    is_main = os.environ.get("RANK", os.environ.get("SLURM_PROCID", "0")) == "0"
+    is_main = is_main_by_launcher()
     try:
         config = load_config(args.config, args.overrides)
     except ConfigError as err:

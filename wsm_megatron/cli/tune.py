@@ -22,13 +22,17 @@ branch was stopped by a signal or the time budget after saving (run again to res
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from wsm_megatron.cli.arguments import add_lm_eval_arguments, comma_separated, eval_options
+from wsm_megatron.cli.arguments import (
+    add_lm_eval_arguments,
+    comma_separated,
+    eval_options,
+    is_main_by_launcher,
+)
 from wsm_megatron.cli.train import _quiet_imports, _raised_by_us
 from wsm_megatron.merge.config import parse_token_count
 from wsm_megatron.merge.errors import MergeError
@@ -155,7 +159,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     _quiet_imports()
     from wsm_megatron.training.config import ConfigError, load_config
 
-    is_main = os.environ.get("RANK", os.environ.get("SLURM_PROCID", "0")) == "0"
+    is_main = is_main_by_launcher()
     try:
         config = load_config(args.config, args.overrides)
         options = tune_options(

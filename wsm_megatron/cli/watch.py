@@ -21,14 +21,13 @@ is refused (one ``wsm-watch: error:`` line), 2 for invalid flags or configuratio
 from __future__ import annotations
 
 import argparse
-import os
 import signal
 import sys
 from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from wsm_megatron.cli.arguments import add_lm_eval_arguments
+from wsm_megatron.cli.arguments import add_lm_eval_arguments, is_main_by_launcher
 from wsm_megatron.cli.train import _quiet_imports, _raised_by_us
 from wsm_megatron.cli.tune import add_candidate_arguments, tune_options
 from wsm_megatron.merge.errors import MergeError
@@ -87,7 +86,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     from wsm_megatron.training.config import ConfigError, load_config
     from wsm_megatron.watch.api import WatchOptions, check_config
 
-    is_main = os.environ.get("RANK", os.environ.get("SLURM_PROCID", "0")) == "0"
+    is_main = is_main_by_launcher()
     try:
         config = load_config(args.config, args.overrides)
         checkpoints = args.checkpoints or config.checkpoint.save

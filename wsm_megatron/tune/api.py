@@ -11,6 +11,7 @@ run's training, each) — for proxy runs.
 from __future__ import annotations
 
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -134,8 +135,10 @@ def tune(config: WSMConfig, options: TuneOptions) -> TuneResult:
             f"wrote {options.output / TUNE_JSON} and {options.output / TUNE_PNG} in "
             f"{time.perf_counter() - start:.1f} s"
         )
-    if options.save_best is not None and result.best is not None:
-        _save(options.checkpoints, options.save_best, result)
+    best = result.best
+    if options.save_best is not None and best is not None:
+        assert best.schedule is not None  # a merge
+        save_merge(options.checkpoints, options.save_best, best.iterations, best.schedule)
     return result
 
 
@@ -152,14 +155,19 @@ def dist_is_main() -> bool:
     return not dist.is_initialized() or dist.get_rank() == 0
 
 
-def _save(root: Path, output: Path, result: TuneResult) -> None:
-    """The best merge through ``wsm-merge`` (its output format and provenance)."""
+def save_merge(
+    root: Path, output: Path, iterations: Sequence[int], schedule: str, *, overwrite: bool = False
+) -> None:
+    """A candidate merge through ``wsm-merge`` (its output format and provenance), on every
+    rank of this launch."""
     from wsm_megatron.merge import MergeConfig, merge
 
-    best = result.best
-    assert best is not None and best.schedule is not None
     config = MergeConfig(
-        input=root, output=output, iterations=best.iterations, schedule=best.schedule
+        input=root,
+        output=output,
+        iterations=tuple(iterations),
+        schedule=schedule,
+        overwrite=overwrite,
     )
     merge(config)
 

@@ -4,11 +4,12 @@ window ends at it (the body of ``wsm-watch``; run it in every process of its own
 layout of its own).
 
 Rank 0 decides everything read from the run's folder (what is new, each checkpoint's
-candidates) and gives it to every rank; nothing is written into the run's folders. Each
-checkpoint's candidates are scored as wsm-tune scores them (:class:`CandidateRunner`, the same
-scorer), so a row equals wsm-tune's ``--end-iteration`` at that checkpoint. Cost: each new
-checkpoint reads every checkpoint of its largest window again (no snapshots are kept from one
-checkpoint to the next).
+candidates) and gives it to every rank; nothing is written into the run's folders but the
+watcher's pin (:class:`WatchPin`: what its window holds and what it has still to read, which
+our retention keeps). Each checkpoint's candidates are scored as wsm-tune scores them
+(:class:`CandidateRunner`, the same scorer), so a row equals wsm-tune's ``--end-iteration`` at
+that checkpoint. Each checkpoint is read from disk once: a sliding window of in-memory
+snapshots of this rank's shard (:class:`SlidingWindow`) feeds every candidate.
 """
 
 from __future__ import annotations
@@ -27,12 +28,11 @@ from wsm_megatron.merge.errors import MergeError
 from wsm_megatron.runtime.distributed import decided_on_rank0, first_on_any_rank
 from wsm_megatron.training.checkpointing import model_mismatch, model_shapes
 from wsm_megatron.training.config import WSMConfig
-from wsm_megatron.tune.api import TuneOptions, _scorer, dist_is_main
+from wsm_megatron.tune.api import TuneOptions, _scorer, dist_is_main, save_merge
 from wsm_megatron.tune.runner import CandidateRunner, ScoreTable
 from wsm_megatron.watch.follow import (
     Plan,
     check_root,
-    complete_iterations,
     is_inside,
     pending,
     plan_iteration,
@@ -168,16 +168,13 @@ class _Watcher:
         self.say(f"following {t.checkpoints}{done}")
         waiting = False
         while True:
-
-            def decide() -> Any:
-                listed = complete_iterations(t.checkpoints)
-                return listed, pending(t.checkpoints, state.done, options.until_iteration)
-
-            listed, todo = decided_on_rank0(decide)
-            if not listed and not waiting:
+            todo = decided_on_rank0(
+                lambda: pending(t.checkpoints, state.done, options.until_iteration)
+            )
+            if not todo.complete and not waiting:
                 self.say(f"waiting for {t.checkpoints} to hold a complete checkpoint")
-            waiting = not listed
-            self.known.update(listed)
+            waiting = not todo.complete
+            self.known.update(todo.complete)
             if todo.iterations:
                 self._check_model(todo.iterations[0])
             for k, it in enumerate(todo.iterations):
@@ -354,17 +351,9 @@ def _better_merge(
 
 def _save_best(root: Path, output: Path, best: dict[str, Any]) -> None:
     """The best merge through ``wsm-merge`` (every rank), then only it kept under ``output``."""
-    from wsm_megatron.merge import MergeConfig, merge
     from wsm_megatron.training.retention import prune_checkpoints
 
-    config = MergeConfig(
-        input=root,
-        output=output,
-        iterations=tuple(best["iterations"]),
-        schedule=best["schedule"],
-        overwrite=True,
-    )
-    merge(config)
+    save_merge(root, output, best["iterations"], best["schedule"], overwrite=True)
     if dist_is_main():
         prune_checkpoints(output, keep_last=1)
 

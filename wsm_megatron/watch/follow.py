@@ -41,46 +41,37 @@ def check_root(root: Path, once: bool) -> bool:
     return True
 
 
-def complete_iterations(root: Path) -> list[int]:
-    """The checkpoints that count, oldest first: complete (:func:`is_complete`), reached by the
-    tracker (a save is finished once the tracker names it or a newer one) and on the save
-    interval (not a stop save). A folder being written or beyond the tracker is not listed."""
-    if not root.is_dir():
-        return []
-    try:
-        tracker = read_tracker(root)
-    except ValueError:  # a tracker being replaced reads whole (atomic); a foreign one: wait
-        return []
-    if tracker is None:
-        return []
-    return [
-        it
-        for it in list_iterations(root)
-        if it <= tracker and is_complete(root, it) and not is_stop_save(root, it)
-    ]
-
-
 @dataclass(frozen=True)
 class Pending:
-    """Rank 0's answer to "what is new": the iterations to score now, oldest first, and
-    whether the watch is finished after them (``--until-iteration`` reached)."""
+    """Rank 0's answer to "what is new", from one reading of the tracker and one listing:
+    ``complete``, the checkpoints that count, oldest first (complete, reached by the tracker,
+    on the save interval: not a stop save); ``iterations``, those not yet done (up to
+    ``--until-iteration``); ``finished``, whether the watch ends after them."""
 
+    complete: tuple[int, ...]
     iterations: tuple[int, ...]
     finished: bool
-    tracker: int | None
 
 
 def pending(root: Path, done: Collection[int], until: int | None) -> Pending:
-    """The complete checkpoints not yet done (up to ``until``)."""
-    found = [it for it in complete_iterations(root) if it not in done]
-    if until is not None:
-        found = [it for it in found if it <= until]
+    """What is complete and not yet done under ``root``. The tracker is read first: every
+    checkpoint it has reached is complete, so a watch that ends at ``until`` has listed them."""
     try:
-        tracker = read_tracker(root)
-    except ValueError:
+        tracker = read_tracker(root) if root.is_dir() else None
+    except ValueError:  # a tracker being replaced reads whole (atomic); a foreign one: wait
         tracker = None
+    complete = (
+        ()
+        if tracker is None
+        else tuple(
+            it
+            for it in list_iterations(root)
+            if it <= tracker and is_complete(root, it) and not is_stop_save(root, it)
+        )
+    )
+    found = tuple(it for it in complete if it not in done and (until is None or it <= until))
     finished = until is not None and tracker is not None and tracker >= until
-    return Pending(tuple(found), finished, tracker)
+    return Pending(complete, found, finished)
 
 
 @dataclass(frozen=True)
